@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from tools.errors import UserInputError  # re-exported: tools.cli.UserInputError
+
 SUBCOMMANDS = {
     "convert": "tools.convert",
     "run": "tools.runner",
@@ -50,10 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-class UserInputError(Exception):
-    """Bad input from the user (missing folder, wrong label width...): printed as a clear message, exit 2."""
 
 
 if __name__ == "__main__":

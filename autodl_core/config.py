@@ -1,0 +1,55 @@
+"""The pipeline a run follows: every choice the meta-knowledge store can make, with CPU-sane defaults.
+
+A PipelineConfig is a plain record (JSON round-trip, stable id) so that meta_db can store
+pipelines, rank them per dataset and hand the chosen one to the solver.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    backbone: str = "mobilenetv2_100"
+    # Resolutions (shorter side, pixels) for the frozen probe and fine-tuning; 0 = decided from the data.
+    probe_resolution: int = 0
+    finetune_resolution: int = 0
+    max_resolution: int = 128
+    strategy: str = "finetune"  # "probe" (frozen features + linear head only) | "finetune"
+    freeze_fraction: float = 0.3  # share of backbone blocks kept frozen while fine-tuning
+    lr: float = 0.01
+    batch_size: int = 64
+    weight_decay: float = 5e-5
+    ema_decay: float = 0.98
+    label_smoothing: float = 0.1
+    augment_flip: bool = True
+    augment_shift: float = 0.1
+    probe_max_examples: int = 10000  # frozen-feature probe uses at most this many training examples
+    first_chunk_seconds: float = 1.5  # data read before the very first (thumbnail) prediction
+    slice_growth: float = 1.6  # each fine-tuning slice is this much longer than the previous one
+    first_slice_seconds: float = 8.0
+    val_fraction: float = 0.1
+    val_max: int = 800
+    flip_tta: bool = True  # allowed (still decided by validation)
+    memory_cap_gb: float = 4.0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown pipeline fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def pipeline_id(self) -> str:
+        """Stable id of the configuration (extra excluded), for the meta-knowledge store."""
+        data = self.to_dict()
+        data.pop("extra", None)
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:12]

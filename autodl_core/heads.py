@@ -1,0 +1,88 @@
+"""Linear heads on fixed features (frozen backbone features or raw thumbnails): fast, strong early predictions.
+
+One implementation for every stage: L2-regularised logistic regression (softmax for
+single-label, per-label sigmoid for multi-label) fitted full-batch with L-BFGS on
+standardised features. Its weights also initialise the fine-tuned classifier (LP-FT).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class LinearHead:
+    def __init__(self, multilabel: bool, l2: float = 1e-3):
+        self.multilabel = multilabel
+        self.l2 = l2
+        self.mean = None
+        self.std = None
+        self.weight = None
+        self.bias = None
+
+    def fit(self, features, labels, max_iter: int = 100, deadline: float | None = None,
+            init: "LinearHead | None" = None) -> "LinearHead":
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        self.mean = x.mean(0, keepdim=True)
+        self.std = x.std(0, keepdim=True).clamp_min(1e-6)
+        x = (x - self.mean) / self.std
+        n, d = x.shape
+        k = y.shape[1]
+        w = torch.zeros(d, k, requires_grad=True)
+        b = torch.zeros(k, requires_grad=True)
+        with torch.no_grad():
+            if init is not None and init.weight is not None and init.weight.shape == (d, k):
+                w.copy_(init.weight)
+                b.copy_(init.bias)
+            else:
+                prior = y.mean(0).clamp(1e-4, 1 - 1e-4)
+                b.copy_(torch.log(prior / (1 - prior)) if self.multilabel else torch.log(prior))
+        targets = y if self.multilabel else y.argmax(1)
+        optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=20, history_size=10,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            logits = x @ w + b
+            if self.multilabel:
+                loss = F.binary_cross_entropy_with_logits(logits, targets)
+            else:
+                loss = F.cross_entropy(logits, targets)
+            loss = loss + self.l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(max(1, max_iter // 20)):
+            optimizer.step(closure)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        self.weight, self.bias = w.detach(), b.detach()
+        return self
+
+    def logits(self, features) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        return ((x - self.mean) / self.std) @ self.weight + self.bias
+
+    def predict_proba(self, features) -> np.ndarray:
+        with torch.no_grad():
+            z = self.logits(features)
+            p = torch.sigmoid(z) if self.multilabel else torch.softmax(z, dim=1)
+        return p.numpy()
+
+    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (k, d), bias (k,)) of the same map on raw (unstandardised) features, for an nn.Linear."""
+        weight = (self.weight / self.std.T).T
+        bias = self.bias - (self.mean / self.std) @ self.weight
+        return weight.contiguous(), bias.view(-1).contiguous()
+
+
+def thumbnails(images: np.ndarray, side: int = 12) -> np.ndarray:
+    """Raw-pixel features: images shrunk to side x side (area), flattened, for the very first head."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    if h > side or w > side:
+        x = F.adaptive_avg_pool2d(x, (min(side, h), min(side, w)))
+    return x.reshape(len(x), -1).numpy()

@@ -1,0 +1,73 @@
+"""uint8 image arrays -> normalised torch batches at a working resolution (channels, range, size, flips).
+
+All conversions happen per batch, so the cache stays uint8 at the storage size and any
+working resolution (progressive resizing) is one interpolate away.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class Preprocessor:
+    """Maps (N, H, W, C) uint8 to (N, 3, r, r') float tensors normalised for a backbone."""
+
+    def __init__(self, mean, std, pixel_max: float = 255.0, device: str | torch.device = "cpu",
+                 channels_last: bool = True, dtype=torch.float32):
+        self.device = torch.device(device)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # Data whose brightest value is far below 255 (e.g. 0..16 counts) is stretched to [0, 1].
+        self.pixel_max = float(pixel_max) if pixel_max > 0 else 255.0
+        self.channels_last = channels_last
+        self.dtype = dtype
+
+    def __call__(self, images: np.ndarray, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(self.pixel_max).clamp_(0.0, 1.0)
+        x = to_three_channels(x)
+        if tuple(x.shape[-2:]) != tuple(size):
+            downscale = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=downscale)
+        if flip:
+            x = torch.flip(x, dims=[3])
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype)
+
+
+def to_three_channels(x: torch.Tensor) -> torch.Tensor:
+    """Backbones want RGB: repeat grey, pad 2-channel data with its mean, keep the first 3 of more."""
+    c = x.shape[1]
+    if c == 3:
+        return x
+    if c == 1:
+        return x.expand(-1, 3, -1, -1)
+    if c == 2:
+        return torch.cat([x, x.mean(dim=1, keepdim=True)], dim=1)
+    return x[:, :3]
+
+
+def working_size(storage_hw: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """Working (H, W) whose shorter side is `short_side`, keeping the storage aspect ratio (rounded to 8)."""
+    h, w = storage_hw
+    scale = short_side / max(1, min(h, w))
+    return (max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8))
+
+
+def random_augment(x: torch.Tensor, flip: bool = True, max_shift: float = 0.1) -> torch.Tensor:
+    """Cheap batch augmentation for CPU fine-tuning: random flips and random translations (reflect-padded crops)."""
+    n, _, h, w = x.shape
+    if flip:
+        mask = torch.rand(n, device=x.device) < 0.5
+        if mask.any():
+            x = torch.where(mask.view(n, 1, 1, 1), torch.flip(x, dims=[3]), x)
+    if max_shift > 0:
+        ph, pw = max(1, int(h * max_shift)), max(1, int(w * max_shift))
+        padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+        dy = int(torch.randint(0, 2 * ph + 1, (1,)))
+        dx = int(torch.randint(0, 2 * pw + 1, (1,)))
+        x = padded[:, :, dy:dy + h, dx:dx + w]
+    return x

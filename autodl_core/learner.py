@@ -1,0 +1,192 @@
+"""Torch side of the solver: frozen-feature extraction and any-time fine-tuning of a pretrained backbone.
+
+Fine-tuning starts from the linear probe's head (LP-FT), keeps an exponential moving
+average of the weights (good any-time checkpoints without waiting for a decayed
+learning rate) and trains in time slices so the solver can stop, validate and
+predict between them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autodl_core.images import Preprocessor, random_augment
+
+
+def batched_forward(module: nn.Module, preprocess: Preprocessor, images: np.ndarray, size, batch_size: int,
+                    flip: bool = False, deadline: float | None = None) -> torch.Tensor | None:
+    """Outputs of `module` over uint8 images, in eval mode; None if the deadline passes first."""
+    was_training = module.training
+    module.eval()
+    outputs = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                if deadline is not None and time.monotonic() > deadline:
+                    return None
+                x = preprocess(images[start:start + batch_size], size, flip=flip)
+                with autocast_for(preprocess.device):
+                    out = module(x)
+                outputs.append(out.float().cpu())
+    finally:
+        module.train(was_training)
+    if not outputs:
+        return torch.zeros(0)
+    return torch.cat(outputs)
+
+
+def autocast_for(device: torch.device):
+    """Mixed precision on a GPU (bf16 where supported), nothing on the CPU (fp32 is faster there)."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+class Classifier(nn.Module):
+    """Backbone (pooled features) + linear head."""
+
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(n_features, n_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def freeze_early_layers(backbone: nn.Module, fraction: float) -> list[nn.Module]:
+    """Freeze the first `fraction` of the backbone's top-level blocks (stem included); returns the frozen modules.
+
+    On 2 CPU cores the backward pass through the high-resolution early layers is the
+    most expensive part and helps least on small data.
+    """
+    if fraction <= 0:
+        return []
+    stem = [m for name, m in backbone.named_children() if name in ("conv_stem", "bn1")]
+    blocks = list(getattr(backbone, "blocks", []))
+    n_frozen = int(round(len(blocks) * fraction))
+    frozen = stem + blocks[:n_frozen]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return frozen
+
+
+class FineTuner:
+    """Fine-tunes a Classifier in time slices with SGD + EMA; predictions come from the EMA weights."""
+
+    def __init__(self, model: Classifier, preprocess: Preprocessor, multilabel: bool, lr: float = 0.01,
+                 batch_size: int = 64, weight_decay: float = 5e-5, freeze_fraction: float = 0.3,
+                 ema_decay: float = 0.99, label_smoothing: float = 0.1, flip: bool = True, max_shift: float = 0.1,
+                 total_steps_hint: int = 1000):
+        self.device = preprocess.device
+        self.model = model.to(self.device)
+        if self.device.type != "cpu" or preprocess.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preprocess = preprocess
+        self.multilabel = multilabel
+        self.batch_size = batch_size
+        self.flip = flip
+        self.max_shift = max_shift
+        self.label_smoothing = label_smoothing
+        self.frozen = freeze_early_layers(self.model.backbone, freeze_fraction)
+        head_params = list(self.model.head.parameters())
+        body_params = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            [{"params": body_params, "lr": lr}, {"params": head_params, "lr": lr}],
+            lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        self.base_lrs = [lr, lr]
+        self.ema = copy.deepcopy(self.model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.ema_decay = ema_decay
+        self.steps = 0
+        self.total_steps_hint = max(1, total_steps_hint)
+        self.warmup_steps = 20
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda"
+                                           and not torch.cuda.is_bf16_supported())
+        self.seconds_per_step = None
+        self._rng = np.random.default_rng(0)
+
+    def _set_lr(self):
+        if self.steps < self.warmup_steps:
+            factor = (self.steps + 1) / self.warmup_steps
+        else:
+            progress = min(1.0, (self.steps - self.warmup_steps) / max(1, self.total_steps_hint - self.warmup_steps))
+            factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def _loss(self, logits, targets):
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits.float(), targets)
+        return F.cross_entropy(logits.float(), targets.argmax(1), label_smoothing=self.label_smoothing)
+
+    def train_until(self, images: np.ndarray, labels: np.ndarray, size, deadline: float,
+                    max_steps: int | None = None) -> int:
+        """Train on random batches until the deadline (checked before each step, with the step time measured)."""
+        self.model.train()
+        for module in self.frozen:
+            module.eval()
+        done = 0
+        n = len(images)
+        batch = min(self.batch_size, n)
+        while True:
+            step_time = self.seconds_per_step or 0.0
+            if time.monotonic() + step_time > deadline:
+                break
+            if max_steps is not None and done >= max_steps:
+                break
+            started = time.monotonic()
+            idx = np.sort(self._rng.choice(n, size=batch, replace=False))
+            x = self.preprocess(images[idx], size)
+            x = random_augment(x, flip=self.flip, max_shift=self.max_shift)
+            y = torch.as_tensor(labels[idx], dtype=torch.float32, device=self.device)
+            self._set_lr()
+            with autocast_for(self.device):
+                logits = self.model(x)
+            loss = self._loss(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._update_ema()
+            self.steps += 1
+            done += 1
+            elapsed = time.monotonic() - started
+            self.seconds_per_step = elapsed if self.seconds_per_step is None else \
+                0.8 * self.seconds_per_step + 0.2 * elapsed
+        return done
+
+    @torch.no_grad()
+    def _update_ema(self):
+        decay = min(self.ema_decay, (1 + self.steps) / (10 + self.steps))
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        for ema_b, b in zip(self.ema.buffers(), self.model.buffers()):
+            ema_b.copy_(b)
+
+    def predict(self, images: np.ndarray, size, batch_size: int = 128, flip_tta: bool = False,
+                deadline: float | None = None) -> np.ndarray | None:
+        logits = batched_forward(self.ema, self.preprocess, images, size, batch_size, deadline=deadline)
+        if logits is None:
+            return None
+        if flip_tta:
+            flipped = batched_forward(self.ema, self.preprocess, images, size, batch_size, flip=True,
+                                      deadline=deadline)
+            if flipped is None:
+                return None
+            logits = (logits + flipped) / 2
+        return probabilities(logits, self.multilabel)
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> np.ndarray:
+    p = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+    return p.numpy().astype(np.float64)
