@@ -27,7 +27,9 @@ class LinearHead:
         x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
         y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
         self.mean = x.mean(0, keepdim=True)
-        self.std = x.std(0, keepdim=True).clamp_min(1e-6)
+        std = x.std(0, keepdim=True)
+        # Near-constant features (dead units) must not be blown up into noise or huge weights.
+        self.std = std.clamp_min(max(1e-3, 0.05 * float(std.median())))
         x = (x - self.mean) / self.std
         n, d = x.shape
         k = y.shape[1]

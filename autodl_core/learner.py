@@ -20,16 +20,23 @@ from autodl_core.images import Preprocessor, random_augment
 
 
 def batched_forward(module: nn.Module, preprocess: Preprocessor, images: np.ndarray, size, batch_size: int,
-                    flip: bool = False, deadline: float | None = None) -> torch.Tensor | None:
-    """Outputs of `module` over uint8 images, in eval mode; None if the deadline passes first."""
+                    flip: bool = False, deadline: float | None = None, partial: bool = False,
+                    rate_meter: "RateMeter | None" = None) -> torch.Tensor | None:
+    """Outputs of `module` over uint8 images, in eval mode.
+
+    When the deadline passes first: the outputs of the processed prefix if `partial`, else None.
+    """
     was_training = module.training
     module.eval()
     outputs = []
+    started = time.monotonic()
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 if deadline is not None and time.monotonic() > deadline:
-                    return None
+                    if not partial:
+                        return None
+                    break
                 x = preprocess(images[start:start + batch_size], size, flip=flip)
                 with autocast_for(preprocess.device):
                     out = module(x)
@@ -37,8 +44,25 @@ def batched_forward(module: nn.Module, preprocess: Preprocessor, images: np.ndar
     finally:
         module.train(was_training)
     if not outputs:
-        return torch.zeros(0)
-    return torch.cat(outputs)
+        return None if not partial else torch.zeros(0)
+    result = torch.cat(outputs)
+    if rate_meter is not None:
+        rate_meter.update(len(result) * size[0] * size[1], time.monotonic() - started)
+    return result
+
+
+class RateMeter:
+    """Measured pixels/s of a forward pass, to plan how many images fit in a time slice."""
+
+    def __init__(self, pixels_per_s: float):
+        self.pixels_per_s = pixels_per_s
+
+    def update(self, pixels: float, seconds: float):
+        if seconds > 0.05 and pixels > 0:
+            self.pixels_per_s = 0.5 * self.pixels_per_s + 0.5 * pixels / seconds
+
+    def images_per_s(self, size) -> float:
+        return self.pixels_per_s / max(1, size[0] * size[1])
 
 
 def autocast_for(device: torch.device):
@@ -130,13 +154,14 @@ class FineTuner:
         return F.cross_entropy(logits.float(), targets.argmax(1), label_smoothing=self.label_smoothing)
 
     def train_until(self, images: np.ndarray, labels: np.ndarray, size, deadline: float,
-                    max_steps: int | None = None) -> int:
-        """Train on random batches until the deadline (checked before each step, with the step time measured)."""
+                    max_steps: int | None = None, indices: np.ndarray | None = None) -> int:
+        """Train on random batches of images[indices] until the deadline (checked before each step)."""
         self.model.train()
         for module in self.frozen:
             module.eval()
         done = 0
-        n = len(images)
+        pool = np.arange(len(images)) if indices is None else np.asarray(indices)
+        n = len(pool)
         batch = min(self.batch_size, n)
         while True:
             step_time = self.seconds_per_step or 0.0
@@ -145,7 +170,7 @@ class FineTuner:
             if max_steps is not None and done >= max_steps:
                 break
             started = time.monotonic()
-            idx = np.sort(self._rng.choice(n, size=batch, replace=False))
+            idx = np.sort(pool[self._rng.choice(n, size=batch, replace=False)])
             x = self.preprocess(images[idx], size)
             x = random_augment(x, flip=self.flip, max_shift=self.max_shift)
             y = torch.as_tensor(labels[idx], dtype=torch.float32, device=self.device)

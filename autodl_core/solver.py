@@ -23,24 +23,33 @@ import torch
 from autodl_core.config import PipelineConfig
 from autodl_core.heads import LinearHead, thumbnails
 from autodl_core.images import Preprocessor, working_size
-from autodl_core.learner import Classifier, FineTuner, batched_forward
+from autodl_core.learner import Classifier, FineTuner, RateMeter, batched_forward
 from autodl_core.metrics import nauc
 from autodl_core.profile import DataProfile, choose_storage_shape
 from autodl_core import tfreader
 
 log = logging.getLogger("autodl_core.solver")
 
+
+def valid_val(y_val: np.ndarray) -> bool:
+    """A validation split is usable when some label column holds both classes."""
+    sums = y_val.sum(axis=0)
+    return bool(np.any((sums > 0) & (sums < len(y_val))))
+
 SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
 
 
 @dataclass
 class Candidate:
-    """A model whose test predictions exist, with its validation predictions for choosing and averaging."""
+    """A model whose test predictions exist, with its predictions on the validation split.
+
+    Validation examples are chosen by read position, so the split only grows by appending:
+    `val_probs` covers a prefix of it, and candidates are compared on their common prefix.
+    """
 
     name: str
     test_probs: np.ndarray
     val_probs: np.ndarray | None
-    val_score: float
 
 
 @dataclass
@@ -103,13 +112,13 @@ class Solver:
                 self.backbone(x)
                 rate = 64 / max(1e-6, time.monotonic() - started)
             self.timings.history.append((res, rate))
+        self.rate = RateMeter(rate * res * res)
         log.info("backbone %s ready on %s; warm-up throughput %s", self.config.backbone, self.device,
                  self.timings.history)
 
     def _feature_rate(self, size) -> float:
         """Images/s of feature extraction at `size`, scaled from the warm-up measurements by pixel count."""
-        res, rate = self.timings.history[-1]
-        return rate * (res * res) / max(1, size[0] * size[1])
+        return self.rate.images_per_s(size)
 
     # ------------------------------------------------------------------ kit API
     def train(self, dataset, remaining_time_budget: float) -> None:
@@ -234,13 +243,28 @@ class Solver:
         cfg = self.config
         chunk_deadline = min(deadline, time.monotonic() + cfg.first_chunk_seconds)
         self._read_more_train(chunk_deadline, max_examples=4000)
-        x, y = self.train_x, self.train_y
-        self.thumb_head = LinearHead(self.profile.multilabel, l2=1e-2).fit(
-            thumbnails(x), y, max_iter=60, deadline=time.monotonic() + 1.0)
-        self.pending_kind = "thumbnails"
-        self.pending = None
-        self._pending_fn = lambda d: self.thumb_head.predict_proba(thumbnails(self.test_x))
+        self._fit_thumbnail_head()
         self.stage = "probe"
+
+    def _fit_thumbnail_head(self):
+        """Raw-pixel head: instant, and on simple data (digits) already strong; refitted as data grows."""
+        n = min(len(self.train_x), 20000)
+        fit = ~self.is_val[:n]
+        if fit.sum() < 2:
+            fit[:] = True
+        self._thumb_n = n
+        self.thumb_head = LinearHead(self.profile.multilabel, l2=1e-2).fit(
+            thumbnails(self.train_x[:n][fit]), self.train_y[:n][fit], max_iter=60,
+            deadline=time.monotonic() + 2.0)
+        self._pending_fn = self._predict_thumbnails
+        self.pending = None
+
+    def _predict_thumbnails(self, deadline: float):
+        test_probs = self.thumb_head.predict_proba(thumbnails(self.test_x))
+        val = np.flatnonzero(self.is_val)
+        val_probs = self.thumb_head.predict_proba(thumbnails(self.train_x[val])) if len(val) else None
+        self._add_candidate(Candidate("thumbnails", test_probs, val_probs))
+        return self._best_combination()
 
     def _probe_size(self):
         if self.config.probe_resolution > 0:
@@ -262,10 +286,12 @@ class Solver:
         if have < n_feature_target:
             self._read_more_train(slice_deadline, max_examples=n_feature_target - have)
         n_target = min(len(self.train_x), cfg.probe_max_examples)
+        n_target = min(n_target, have_features + max(64, int(rate * max(1.0, slice_deadline - time.monotonic()))))
         if n_target > have_features:
             new = batched_forward(self.backbone, self.preprocess, self.train_x[have_features:n_target], size,
-                                  batch_size=128, deadline=max(slice_deadline, time.monotonic() + 1.0))
-            if new is not None:
+                                  batch_size=128, deadline=max(slice_deadline, time.monotonic() + 1.0),
+                                  partial=True, rate_meter=self.rate)
+            if new is not None and len(new):
                 self.train_features = new if self.train_features is None else torch.cat([self.train_features, new])
         if self.train_features is None:
             return
@@ -275,8 +301,11 @@ class Solver:
         if fit_mask.sum() < 2:
             fit_mask[:] = True
         self.probe_head = LinearHead(self.profile.multilabel, l2=self._probe_l2(fit_mask.sum())).fit(
-            self.train_features[fit_mask], y[fit_mask], max_iter=100, deadline=time.monotonic() + 5.0)
+            self.train_features[torch.from_numpy(fit_mask)], y[fit_mask], max_iter=100, deadline=time.monotonic() + 5.0)
         self.probe_size = size
+        self._thumbs_stale = len(self.train_x) > 1.5 * self._thumb_examples()
+        if self._thumbs_stale:
+            self._fit_thumbnail_head()
         self.pending_kind = "probe"
         self.pending = None
         self._pending_fn = self._predict_probe
@@ -286,6 +315,10 @@ class Solver:
             self.stage = "finetune" if cfg.strategy == "finetune" else "done"
             if self.stage == "done":
                 self.done_training = True
+
+    def _thumb_examples(self) -> int:
+        head = getattr(self, "thumb_head", None)
+        return 0 if head is None or head.mean is None else getattr(self, "_thumb_n", 0)
 
     def _probe_l2(self, n: int) -> float:
         return float(np.clip(2.0 / max(1, n), 1e-4, 1e-2))
@@ -298,23 +331,20 @@ class Solver:
         size = self.probe_size
         if self.test_features is None or getattr(self, "_test_features_size", None) != size:
             feats = batched_forward(self.backbone, self.preprocess, self.test_x, size, batch_size=128,
-                                    deadline=deadline)
+                                    deadline=deadline, rate_meter=self.rate)
             if feats is None:
                 return None
             self.test_features, self._test_features_size = feats, size
         probs = self.probe_head.predict_proba(self.test_features)
-        self._register_probe_candidate(probs)
-        return probs
-
-    def _register_probe_candidate(self, test_probs):
-        val_probs, score = None, -np.inf
-        n_feat = len(self.train_features)
-        val = self.is_val[:n_feat]
+        val_probs = None
+        val = self.is_val[:len(self.train_features)]
         if val.sum() > 0:
-            val_probs = self.probe_head.predict_proba(self.train_features[val])
-            score = self._score(self.train_y[:n_feat][val], val_probs)
-        self.candidates = [c for c in self.candidates if c.name != "probe"]
-        self.candidates.append(Candidate("probe", test_probs, val_probs, score))
+            val_probs = self.probe_head.predict_proba(self.train_features[torch.from_numpy(val)])
+        self._add_candidate(Candidate("probe", probs, val_probs))
+        if self._thumbs_stale:
+            self._thumbs_stale = False
+            self._predict_thumbnails(deadline)
+        return self._best_combination()
 
     def _score(self, y_true, probs) -> float:
         try:
@@ -348,7 +378,7 @@ class Solver:
                                total_steps_hint=1000)
         self.fit_idx = np.flatnonzero(~self.is_val)
         self.val_idx = np.flatnonzero(self.is_val)
-        self._rescore_probe_on_full_val()
+        self._rescore_candidates_on_full_val()
         self._plan_total_steps(deadline)
         return True
 
@@ -357,29 +387,27 @@ class Solver:
 
         return copy.deepcopy(self.backbone)
 
-    def _rescore_probe_on_full_val(self):
-        """The probe saw part of the data; score it on the final validation split (features computed as needed)."""
-        probe = next((c for c in self.candidates if c.name == "probe"), None)
-        if probe is None or self.probe_head is None or len(self.val_idx) == 0:
+    def _rescore_candidates_on_full_val(self):
+        """Earlier candidates saw a prefix of the validation split; extend their val predictions to all of it."""
+        if len(self.val_idx) == 0:
             return
-        n_feat = len(self.train_features)
-        missing = self.val_idx[self.val_idx >= n_feat]
-        feats = self.train_features[self.val_idx[self.val_idx < n_feat]]
-        if len(missing):
-            extra = batched_forward(self.backbone, self.preprocess, self.train_x[missing], self.probe_size, 128)
-            feats = torch.cat([feats, extra])
-        order = np.concatenate([self.val_idx[self.val_idx < n_feat], missing])
-        probs = self.probe_head.predict_proba(feats)
-        inverse = np.argsort(np.argsort(order))  # back to val_idx order (val_idx is sorted)
-        probe.val_probs = probs[inverse]
-        probe.val_score = self._score(self.train_y[self.val_idx], probe.val_probs)
-        self.best_val_score = max(self.best_val_score, probe.val_score)
+        for cand in self.candidates:
+            if cand.name == "thumbnails":
+                cand.val_probs = self.thumb_head.predict_proba(thumbnails(self.train_x[self.val_idx]))
+            elif cand.name == "probe" and self.probe_head is not None:
+                have = 0 if cand.val_probs is None else len(cand.val_probs)
+                missing = self.val_idx[have:]
+                if len(missing):
+                    feats = batched_forward(self.backbone, self.preprocess, self.train_x[missing],
+                                            self.probe_size, 128, rate_meter=self.rate)
+                    extra = self.probe_head.predict_proba(feats)
+                    cand.val_probs = extra if cand.val_probs is None else np.concatenate([cand.val_probs, extra])
+        _, self.best_val_score = self._choose()
 
     def _plan_total_steps(self, deadline: float):
         """Cosine schedule length: the steps that fit in the time left (estimated from a measured step)."""
-        x = self.train_x[self.fit_idx[:self.config.batch_size]]
-        y = self.train_y[self.fit_idx[:self.config.batch_size]]
-        self.tuner.train_until(x, y, self.ft_size, deadline=time.monotonic() + 60, max_steps=2)
+        self.tuner.train_until(self.train_x, self.train_y, self.ft_size, deadline=time.monotonic() + 60,
+                               max_steps=2, indices=self.fit_idx)
         per_step = self.tuner.seconds_per_step or 1.0
         left = max(0.0, deadline - time.monotonic())
         self.tuner.total_steps_hint = max(50, int(0.8 * left / per_step))
@@ -387,7 +415,8 @@ class Solver:
                  self.tuner.total_steps_hint)
 
     def _val_cost(self) -> float:
-        return len(self.val_idx) / max(1.0, self._feature_rate(self.ft_size))
+        estimate = len(self.val_idx) / max(1.0, self._feature_rate(self.ft_size))
+        return max(estimate, getattr(self, "_measured_val_cost", 0.0))
 
     def _ft_test_cost(self, tta: bool = False) -> float:
         n = len(self.test_x) if self.test_x is not None else 0
@@ -408,12 +437,17 @@ class Solver:
                 self.pending = self.last_good
                 return
             slice_s = min(self.slice_seconds, time_left)
-            self.tuner.train_until(self.train_x[self.fit_idx], self.train_y[self.fit_idx], self.ft_size,
-                                   deadline=time.monotonic() + slice_s)
+            self.tuner.train_until(self.train_x, self.train_y, self.ft_size,
+                                   deadline=time.monotonic() + slice_s, indices=self.fit_idx)
             self.slice_seconds *= self.config.slice_growth
             if len(self.val_idx) == 0:
                 break  # no validation: trust the schedule and predict after every slice
-            val_probs = self.tuner.predict(self.train_x[self.val_idx], self.ft_size)
+            val_started = time.monotonic()
+            val_probs = self.tuner.predict(self.train_x[self.val_idx], self.ft_size,
+                                           deadline=deadline - self._ft_test_cost())
+            self._measured_val_cost = time.monotonic() - val_started
+            if val_probs is None:
+                continue
             score = self._score(self.train_y[self.val_idx], val_probs)
             log.info("fine-tune step %d: val NAUC %.4f (best so far %.4f)", self.tuner.steps, score,
                      self.best_val_score)
@@ -436,28 +470,41 @@ class Solver:
         probs = self.tuner.predict(self.test_x, self.ft_size, deadline=deadline)
         if probs is None:
             return None
-        val_probs = getattr(self, "_ft_val_probs", None)
-        score = getattr(self, "_ft_val_score", -np.inf)
-        self.candidates = [c for c in self.candidates if c.name != "finetune"]
-        self.candidates.append(Candidate("finetune", probs, val_probs, score))
-        self.best_val_score = max(self.best_val_score, score)
+        self._add_candidate(Candidate("finetune", probs, getattr(self, "_ft_val_probs", None)))
         return self._best_combination()
 
-    def _best_combination(self) -> np.ndarray:
-        """The best of the candidates and their average, judged on the validation split."""
-        scored = [c for c in self.candidates if c.val_probs is not None and np.isfinite(c.val_score)]
+    def _add_candidate(self, candidate: Candidate):
+        self.candidates = [c for c in self.candidates if c.name != candidate.name] + [candidate]
+
+    def _choose(self) -> tuple[np.ndarray, float]:
+        """Best of the candidates and of their averages on the common validation prefix: (test probs, val score).
+
+        With too little validation data the newest candidate wins (later stages see more data).
+        """
+        latest = self.candidates[-1]
+        scored = [c for c in self.candidates if c.val_probs is not None and len(c.val_probs)]
         if not scored:
-            return self.candidates[-1].test_probs
-        best = max(scored, key=lambda c: c.val_score)
-        if len(scored) >= 2:
-            y_val = self.train_y[self.val_idx]
-            avg_val = np.mean([c.val_probs for c in scored], axis=0)
-            avg_score = self._score(y_val, avg_val)
-            if avg_score > best.val_score:
-                self.best_val_score = max(self.best_val_score, avg_score)
-                log.info("averaging %d candidates: val NAUC %.4f > %.4f", len(scored), avg_score, best.val_score)
-                return np.mean([c.test_probs for c in scored], axis=0)
-        return best.test_probs
+            return latest.test_probs, -np.inf
+        m = min(len(c.val_probs) for c in scored)
+        y_val = self.train_y[np.flatnonzero(self.is_val)[:m]]
+        if m < 20 or not valid_val(y_val):
+            return latest.test_probs, -np.inf
+        singles = sorted(((c, self._score(y_val, c.val_probs[:m])) for c in scored),
+                         key=lambda item: item[1], reverse=True)
+        options = [([c], score) for c, score in singles]
+        for k in range(2, len(singles) + 1):
+            top = [c for c, _ in singles[:k]]
+            avg = np.mean([c.val_probs[:m] for c in top], axis=0)
+            options.append((top, self._score(y_val, avg)))
+        best_group, best_score = max(options, key=lambda item: item[1])
+        log.info("chose %s (val NAUC %.4f on %d)", "+".join(c.name for c in best_group), best_score, m)
+        return np.mean([c.test_probs for c in best_group], axis=0), best_score
+
+    def _best_combination(self) -> np.ndarray:
+        probs, score = self._choose()
+        if np.isfinite(score):
+            self.best_val_score = score
+        return probs
 
     # ------------------------------------------------------------------ predictions
     def _predict_pending(self, deadline: float):

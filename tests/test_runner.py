@@ -52,6 +52,7 @@ def to_numpy(dataset):
 
 class Model:
     def __init__(self, metadata):
+        time.sleep(CFG.get("init_sleep", 0))
         self.n_classes = metadata.get_output_size()
         self.done_training = False
         self.k = 0
@@ -89,6 +90,15 @@ def write_code(root: Path, **behaviour) -> Path:
     return root
 
 
+def import_torch_before_tensorflow():
+    """The writer imports TensorFlow in this process; triton after TF segfaults (see common notes)."""
+    try:
+        import torch  # noqa: F401
+        import torch._dynamo  # noqa: F401
+    except ImportError:
+        pass
+
+
 def make_tiny_dataset(root: Path) -> Path:
     """A 3-class dataset of tiny random images, or the kit's miniciao sample when the writer is missing."""
     try:
@@ -96,14 +106,14 @@ def make_tiny_dataset(root: Path) -> Path:
     except ImportError:
         write_autodl_dataset = None
     if write_autodl_dataset is not None:
+        import_torch_before_tensorflow()
         rng = np.random.default_rng(0)
         n_train, n_test, k = 30, 12, 3
         images = rng.integers(0, 256, size=(n_train + n_test, 8, 8, 3), dtype=np.uint8)
         labels = np.eye(k, dtype=int)[np.arange(n_train + n_test) % k]
-        dataset_dir = root / "tiny"
-        write_autodl_dataset(dataset_dir, "tiny", images[:n_train], labels[:n_train],
-                             images[n_train:], labels[n_train:])
-        return dataset_dir
+        examples = list(zip(images, labels))
+        write_autodl_dataset(root, "tiny", examples[:n_train], examples[n_train:], output_dim=k)
+        return root / "tiny"
     kit = os.environ.get("AUTODL_KIT_GIT")
     if not kit or not Path(kit).exists():
         pytest.skip("no dataset writer in tools.autodl_format yet and no starting kit (AUTODL_KIT_GIT)")
@@ -122,6 +132,8 @@ SCENARIOS = {
     # sleeps 120 s in the second train call: killed at T, the first prediction is scored
     "sleeper_graph": dict(behaviour=dict(predict="random", sleep_from=1, sleep_seconds=120), tf_mode="graph",
                           budget=4),
+    # __init__ sleeps past the init limit: no model, failed run, no prediction
+    "slow_init": dict(behaviour=dict(predict="random", init_sleep=60), tf_mode="graph", budget=5, init_limit=1),
 }
 
 
@@ -134,7 +146,7 @@ def runs(tmp_path_factory):
         spec = SCENARIOS[name]
         code = write_code(root / name / "code", **spec["behaviour"])
         return runner.run_local(code, dataset, spec["budget"], root / name / "out", tf_mode=spec["tf_mode"],
-                                kill_grace=2.0)
+                                init_limit=spec.get("init_limit", 1200), kill_grace=2.0)
 
     with ThreadPoolExecutor(len(SCENARIOS)) as pool:
         results = dict(zip(SCENARIOS, pool.map(one, SCENARIOS)))
@@ -199,6 +211,14 @@ def test_model_sleeping_past_the_budget_is_killed(runs):
     assert not (Path(r["out_dir"]) / "predictions" / "end.txt").exists()
     # killed within the grace period of T, not after the 120 s sleep
     assert r["wall_time"] < 100
+
+
+def test_init_over_the_limit_fails_the_run(runs):
+    r = runs["slow_init"]
+    assert r["status"] == "ingestion_error"
+    assert "init limit of 1 s" in r["error"]
+    assert r["n_predictions"] == 0 and r["alc"] == 0.0 and r["time_to_first_prediction"] is None
+    assert runner.final_line(r).endswith("n_predictions=0 duration=0.00 first_prediction=none")
 
 
 def test_final_line_format(runs):

@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -649,6 +649,9 @@ def write_autodl_dataset(out_dir: str | os.PathLike, name: str, train: Iterable,
         raise UserInputError(f"{final} already exists (remove it or pass overwrite)")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
     report = WriteReport(path=final, name=name, output_dim=output_dim)
     try:
         shapes = _ShapeStats()

@@ -60,7 +60,7 @@ def plot_learning_curve(timestamps, naucs, time_budget: float, path: str | os.Pa
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.set_xlim(0, 1)
     low = min([0.0] + ys)
-    ax.set_ylim(min(-0.01, low - 0.05), 1.0)
+    ax.set_ylim(min(-0.01, low - 0.05), 1.05)
     ax.set_xlabel(f"transformed time  log(1 + t/60) / log(1 + T/60)   (T = {time_budget:g} s)")
     ax.set_ylabel("NAUC = 2 AUC - 1")
     ax.grid(True, alpha=0.4)
@@ -73,7 +73,7 @@ def plot_learning_curve(timestamps, naucs, time_budget: float, path: str | os.Pa
     if len(drawn) < len(pairs):
         ax.text(0.02, 0.02, f"{len(pairs) - len(drawn)} prediction(s) after T not drawn",
                 transform=ax.transAxes, fontsize=8, color="tab:red")
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
 
     top = ax.twiny()
     top.set_xlim(0, 1)

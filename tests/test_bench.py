@@ -1,0 +1,81 @@
+"""tools.bench with a tiny dataset and a trivial solver, judged locally (one real run)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tools import bench
+from tools.errors import UserInputError
+from test_runner import make_tiny_dataset, write_code
+
+
+def test_parse_solvers(tmp_path):
+    code = write_code(tmp_path / "toy", predict="prior", rounds=1)
+    solvers = bench.parse_solvers(f"ours,kit:linear,mine={code}", ours_dir=tmp_path)
+    assert [s.name for s in solvers] == ["ours", "kit:linear", "mine"]
+    assert solvers[1].kit_path == "kit:AutoDL_simple_baseline_models/linear" and solvers[1].is_kit
+    assert solvers[2].code_dir == code.resolve() and not solvers[2].is_kit
+    with pytest.raises(UserInputError, match="no model.py"):
+        bench.parse_solvers(f"{tmp_path / 'nothing'}")
+    with pytest.raises(UserInputError, match="duplicate"):
+        bench.parse_solvers(f"ours,ours")
+    with pytest.raises(UserInputError, match="no solver"):
+        bench.parse_solvers(" , ")
+
+
+def test_markdown_table_hand_rows():
+    rows = [
+        dict(dataset="a", solver="s1", alc=0.5, final_nauc=0.6, time_to_first_prediction=1.234, peak_rss_bytes=2e9,
+             status="ok", n_predictions=3, wall_time=10.0),
+        dict(dataset="b", solver="s1", alc=0.3, final_nauc=0.4, time_to_first_prediction=2.0, peak_rss_bytes=1e9,
+             status="time_budget_exceeded", n_predictions=2, wall_time=11.0),
+        dict(dataset="a", solver="s2", alc=0.1, final_nauc=None, time_to_first_prediction=None, peak_rss_bytes=0,
+             status="ok", n_predictions=1, wall_time=9.0),
+    ]
+    md = bench.markdown_tables(rows, ["s1", "s2"], ["a", "b"], 60, "local")
+    assert "| a | 0.5000 | 0.1000 |" in md
+    assert "| b | 0.3000* | - |" in md
+    assert "| **mean ALC** | 0.4000 | 0.1000 (1/2) |" in md
+    assert "| a | s1 | 0.5000 | 0.6000 | 1.23 | 2.00 | ok | 3 | 10 |" in md
+
+
+def test_local_bench_runs_resumes_and_skips_kit(tmp_path):
+    dataset = make_tiny_dataset(tmp_path / "data")
+    code = write_code(tmp_path / "toy", predict="random", rounds=2)
+    solvers = bench.parse_solvers(f"toy={code},kit:linear")
+    out = tmp_path / "bench"
+    messages = []
+    rows = bench.run_bench(solvers, [dataset], 30, out, judge="local", kit_run=str(tmp_path / "no_kit_run"),
+                           kit_git=None, log=messages.append)
+    assert any("skip kit:linear" in m and "kit_run not found" in m for m in messages)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["solver"] == "toy" and row["judge"] == "local" and row["status"] == "ok"
+    assert row["n_predictions"] == 2 and row["peak_rss_bytes"] > 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["alc"] == row["alc"]
+
+    # resumable: the same configuration is not run again
+    messages.clear()
+    rows_again = bench.run_bench(solvers, [dataset], 30, out, judge="local", kit_run=None, kit_git=None,
+                                 log=messages.append)
+    assert rows_again == rows
+    assert any("already in results.jsonl" in m for m in messages)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+
+    names = [s.name for s in solvers]
+    md = bench.markdown_tables(rows, names, [row["dataset"]], 30, "local")
+    assert f"| {row['dataset']} | {row['alc']:.4f} | - |" in md
+    png = bench.plot_alc_bars(rows, names, [row["dataset"]], out / "alc.png", "test")
+    assert png.stat().st_size > 0
+
+
+def test_bad_bench_inputs(tmp_path):
+    code = write_code(tmp_path / "toy", predict="prior")
+    solvers = bench.parse_solvers(str(code))
+    with pytest.raises(UserInputError, match="positive"):
+        bench.run_bench(solvers, [tmp_path], 0, tmp_path / "out", judge="local")
+    with pytest.raises(UserInputError, match=r"\.data"):
+        bench.run_bench(solvers, [tmp_path], 10, tmp_path / "out", judge="local")
+    with pytest.raises(UserInputError, match="judge"):
+        bench.run_bench(solvers, [tmp_path], 10, tmp_path / "out", judge="platform")
