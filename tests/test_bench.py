@@ -1,12 +1,21 @@
 """tools.bench with a tiny dataset and a trivial solver, judged locally (one real run)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from tools import bench
 from tools.errors import UserInputError
-from test_runner import make_tiny_dataset, write_code
+try:  # helpers shared with the runner tests (toy model.py, tiny dataset)
+    from test_runner import make_tiny_dataset, write_code
+except ImportError:  # tests/ made a package
+    from tests.test_runner import make_tiny_dataset, write_code
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("bench_data"))
 
 
 def test_parse_solvers(tmp_path):
@@ -39,8 +48,7 @@ def test_markdown_table_hand_rows():
     assert "| a | s1 | 0.5000 | 0.6000 | 1.23 | 2.00 | ok | 3 | 10 |" in md
 
 
-def test_local_bench_runs_resumes_and_skips_kit(tmp_path):
-    dataset = make_tiny_dataset(tmp_path / "data")
+def test_local_bench_runs_resumes_and_skips_kit(tmp_path, dataset):
     code = write_code(tmp_path / "toy", predict="random", rounds=2)
     solvers = bench.parse_solvers(f"toy={code},kit:linear")
     out = tmp_path / "bench"
@@ -79,3 +87,26 @@ def test_bad_bench_inputs(tmp_path):
         bench.run_bench(solvers, [tmp_path], 10, tmp_path / "out", judge="local")
     with pytest.raises(UserInputError, match="judge"):
         bench.run_bench(solvers, [tmp_path], 10, tmp_path / "out", judge="platform")
+
+
+KIT_GIT = os.environ.get("AUTODL_KIT_GIT")
+KIT_RUN = os.environ.get("AUTODL_KIT_RUN", bench.DEFAULT_KIT_RUN)
+
+
+@pytest.mark.skipif(bench.kit_available(KIT_RUN, KIT_GIT) is not None, reason="starting kit / kit_run not available")
+def test_kit_judge_reports_alc_and_peak_memory(tmp_path, dataset):
+    code = write_code(tmp_path / "toy", predict="random", rounds=2)
+    rows = bench.run_bench(bench.parse_solvers(f"toy={code}"), [dataset], 20, tmp_path / "bench", judge="kit",
+                           kit_run=KIT_RUN, kit_git=KIT_GIT, log=lambda m: None)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["judge"] == "kit" and row["status"] == "ok", row.get("error")
+    assert row["n_predictions"] == 2 and len(row["naucs"]) == 2
+    assert row["time_to_first_prediction"] == row["timestamps"][0] > 0
+    assert row["peak_rss_bytes"] > 100e6  # the kit's ingestion process with TensorFlow
+    # the judge's ALC is the one our scorer computes on the same prediction folder
+    from tools.autodl_format import find_task
+    from tools.scoring import score_prediction_dir
+
+    ours = score_prediction_dir(find_task(dataset).solution_path, Path(row["out_dir"]) / "predictions")
+    assert ours.alc == pytest.approx(row["alc"], abs=1e-6)

@@ -197,7 +197,8 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
-    done = {row_key(r) for r in load_results(results_path)}
+    # a judge that crashed (no summary) is retried; any other outcome, even a failed run, is a result
+    done = {row_key(r) for r in load_results(results_path) if r.get("status") != "judge_failed"}
     kit_problem = kit_available(kit_run, kit_git)
     version, hardware = _code_version(), _hardware()
 
@@ -230,10 +231,13 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
                 f"wall={row['wall_time']:.0f}s")
     wanted_solvers = {s.name for s in solvers}
     wanted_datasets = set(names)
-    return [r for r in load_results(results_path)
-            if r["solver"] in wanted_solvers and r["dataset"] in wanted_datasets
-            and float(r["time_budget"]) == float(time_budget) and r.get("tf_mode", "graph") == tf_mode
-            and (r["judge"] == judge or (r["judge"] == "kit" and r["solver"].startswith("kit:")))]
+    latest = {}  # the last row of each key wins (a retried judge failure replaces the failure)
+    for r in load_results(results_path):
+        if (r["solver"] in wanted_solvers and r["dataset"] in wanted_datasets
+                and float(r["time_budget"]) == float(time_budget) and r.get("tf_mode", "graph") == tf_mode
+                and (r["judge"] == judge or (r["judge"] == "kit" and r["solver"].startswith("kit:")))):
+            latest[row_key(r)] = r
+    return list(latest.values())
 
 
 def _cell(value, fmt: str) -> str:

