@@ -1,13 +1,335 @@
-"""Zero-shot pipeline choice from metadata alone (called in Model.__init__, must answer fast).
+"""Zero-shot pipeline choice in Model.__init__: nearest neighbours over metadata meta-features.
 
-v0: the default pipeline; the meta-knowledge store replaces this with a nearest-neighbour
-choice over meta-features (see issue 'Meta-knowledge store v1').
+`select_pipeline(metadata) -> (PipelineConfig, reason)` always answers with a valid pipeline:
+- AUTODL_PIPELINE_JSON set (a JSON PipelineConfig dict, or a path to a JSON file): that pipeline,
+  no questions asked (meta-training forces each run's pipeline this way). An invalid value raises:
+  measuring a different pipeline than the one recorded would poison the store.
+- otherwise the store (meta_db/store.sqlite, or AUTODL_META_STORE) is read once per process; the
+  runs of one stratum (the hardware kind of this machine, the time budget closest to the expected
+  one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each dataset's
+  row is normalised to [0, 1] (best pipeline 1, worst 0) so that easy datasets do not dominate;
+  the k nearest datasets (z-scored `zero_shot_vector`, distance-weighted) vote with their rows;
+  the best mean wins.
+- far from every stored dataset (distance beyond what the store's own datasets show), the
+  pipeline best on average over all datasets; no usable store: PipelineConfig() defaults.
 """
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
 from autodl_core.config import PipelineConfig
+from meta_db.metafeatures import current_device_kind, metadata_features, zero_shot_vector
+from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, Store
+
+ENV_PIPELINE = "AUTODL_PIPELINE_JSON"
+ENV_STORE = "AUTODL_META_STORE"
+ENV_BUDGET = "AUTODL_TIME_BUDGET"
+DEFAULT_TIME_BUDGET = 1200.0
+DEFAULT_K = 5
+Z_CLIP = 5.0  # standardised features are clipped here: absurd metadata cannot produce inf/nan distances
+MIN_FEATURE_STD = 0.25  # a feature (e.g. a flag) constant across the store must not blow up distances
+MIN_COVERAGE = 0.5  # a pipeline must have runs on this share of the (weighted) neighbours to be ranked
+
+log = logging.getLogger("meta_db.selector")
 
 
-def select_pipeline(metadata) -> tuple[PipelineConfig, str]:
-    """Returns (pipeline, a short reason for the log)."""
-    return PipelineConfig(), "default pipeline (no meta-knowledge store yet)"
+# ---------------------------------------------------------------------- forced pipeline
+
+
+def forced_pipeline(value: str) -> PipelineConfig:
+    """AUTODL_PIPELINE_JSON's value: a JSON object or a path to a JSON file holding one."""
+    text = value.strip()
+    if not text.startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"{ENV_PIPELINE}={value!r} is neither a JSON object nor an existing JSON file")
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENV_PIPELINE}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{ENV_PIPELINE}: expected a JSON object of PipelineConfig fields, got {type(data).__name__}")
+    try:
+        return PipelineConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ENV_PIPELINE}: not a valid PipelineConfig ({exc})") from None
+
+
+# ---------------------------------------------------------------------- knowledge
+
+
+@dataclass
+class Knowledge:
+    """What the selector learns from: one stratum of the store as arrays."""
+
+    dataset_ids: list[str]
+    families: list[str]
+    features: np.ndarray  # datasets x ZERO_SHOT_NAMES
+    pipeline_ids: list[str]
+    configs: dict[str, PipelineConfig]
+    alc: np.ndarray  # datasets x pipelines, NaN where not measured
+    time_budget: float | None = None
+    hardware: str | None = None
+    names: dict = field(default_factory=dict)  # pipeline_id -> name
+
+    def subset(self, keep: np.ndarray) -> "Knowledge":
+        keep = np.asarray(keep, dtype=bool)
+        return Knowledge([d for d, k in zip(self.dataset_ids, keep) if k],
+                         [f for f, k in zip(self.families, keep) if k], self.features[keep],
+                         self.pipeline_ids, self.configs, self.alc[keep], self.time_budget, self.hardware,
+                         self.names)
+
+    def without_family(self, family: str) -> "Knowledge":
+        return self.subset(np.array([f != family for f in self.families], dtype=bool))
+
+    def label(self, pipeline_id: str) -> str:
+        return self.names.get(pipeline_id) or pipeline_id
+
+
+def choose_stratum(strata: dict, device_kind: str, time_budget: float, cpu_count: int | None = None):
+    """(time_budget, hardware) of the runs to learn from: same device kind if any, nearest budget (log scale),
+    then nearest CPU count, then most runs."""
+    if not strata:
+        return None
+    same_kind = {s: n for s, n in strata.items() if s[1].startswith(device_kind)}
+    pool = same_kind or strata
+    cpus = cpu_count or os.cpu_count() or 1
+
+    def cost(item):
+        (budget, hardware), n = item
+        cpu_gap = 0.0
+        if hardware.startswith("cpu") and hardware[3:].isdigit():
+            cpu_gap = abs(math.log(int(hardware[3:]) / cpus)) if int(hardware[3:]) > 0 else 9.0
+        return (round(abs(math.log(budget / time_budget)), 6), cpu_gap, -n)
+
+    return min(pool.items(), key=cost)[0]
+
+
+def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = None, hardware: str | None = None,
+                   device_kind: str | None = None, backbone_ok=None) -> Knowledge:
+    """Read one stratum of the store. `time_budget`/`hardware` given: exactly that stratum; else chosen
+    by `choose_stratum` (device kind of this machine, budget nearest AUTODL_TIME_BUDGET or 1200 s)."""
+    with Store(store_path, readonly=True) as store:
+        rows = store.conn.execute(
+            "SELECT dataset_id, pipeline_id, time_budget, hardware, AVG(COALESCE(alc, 0.0)) AS alc, "
+            "COUNT(*) AS n FROM runs WHERE status != ? GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
+        datasets = {d.dataset_id: d for d in store.datasets()}
+        pipelines = store.pipelines()
+    strata: dict = {}
+    for r in rows:
+        strata[(r["time_budget"], r["hardware"])] = strata.get((r["time_budget"], r["hardware"]), 0) + r["n"]
+    if time_budget is not None and hardware is not None:
+        stratum = (float(time_budget), hardware)
+    else:
+        target = time_budget if time_budget is not None else expected_time_budget()
+        pool = {s: n for s, n in strata.items() if hardware is None or s[1] == hardware}
+        stratum = choose_stratum(pool, device_kind or current_device_kind(), float(target))
+    configs, names = {}, {}
+    for pipeline_id, name, raw in pipelines:
+        try:
+            config = PipelineConfig.from_dict(raw)
+        except (TypeError, ValueError):
+            continue  # written by another code version: cannot be run by this one
+        if backbone_ok is not None and not backbone_ok(config.backbone):
+            continue
+        configs[pipeline_id] = config
+        names[pipeline_id] = name
+    cells = {}
+    for r in rows:
+        if stratum is not None and (r["time_budget"], r["hardware"]) == stratum \
+                and r["pipeline_id"] in configs and r["dataset_id"] in datasets:
+            cells[(r["dataset_id"], r["pipeline_id"])] = float(r["alc"])
+    dataset_ids, families, vectors = [], [], []
+    for dataset_id in sorted({d for d, _ in cells}):
+        try:
+            vectors.append(zero_shot_vector(datasets[dataset_id].metadata_features))
+        except ValueError:
+            continue
+        dataset_ids.append(dataset_id)
+        families.append(datasets[dataset_id].family_id)
+    pipeline_ids = sorted({p for _, p in cells})
+    alc = np.full((len(dataset_ids), len(pipeline_ids)), np.nan)
+    d_index = {d: i for i, d in enumerate(dataset_ids)}
+    p_index = {p: j for j, p in enumerate(pipeline_ids)}
+    for (d, p), value in cells.items():
+        if d in d_index:
+            alc[d_index[d], p_index[p]] = value
+    features = np.array(vectors).reshape(len(dataset_ids), -1) if vectors else np.zeros((0, 0))
+    return Knowledge(dataset_ids, families, features, pipeline_ids, {p: configs[p] for p in pipeline_ids}, alc,
+                     time_budget=None if stratum is None else stratum[0],
+                     hardware=None if stratum is None else stratum[1], names=names)
+
+
+def expected_time_budget() -> float:
+    try:
+        value = float(os.environ.get(ENV_BUDGET, DEFAULT_TIME_BUDGET))
+    except ValueError:
+        return DEFAULT_TIME_BUDGET
+    return value if value > 0 and math.isfinite(value) else DEFAULT_TIME_BUDGET
+
+
+# ---------------------------------------------------------------------- nearest neighbours
+
+
+def normalised_rows(alc: np.ndarray) -> np.ndarray:
+    """Per dataset: (ALC - worst) / (best - worst) over the pipelines measured on it; all equal -> 1."""
+    out = np.full_like(alc, np.nan, dtype=np.float64)
+    for i, row in enumerate(alc):
+        seen = ~np.isnan(row)
+        if not seen.any():
+            continue
+        lo, hi = row[seen].min(), row[seen].max()
+        out[i, seen] = 1.0 if hi - lo < 1e-12 else (row[seen] - lo) / (hi - lo)
+    return out
+
+
+class NearestNeighbourSelector:
+    def __init__(self, knowledge: Knowledge, k: int = DEFAULT_K):
+        keep = ~np.all(np.isnan(knowledge.alc), axis=1) if len(knowledge.dataset_ids) else np.zeros(0, bool)
+        self.knowledge = knowledge.subset(keep)
+        self.k = max(1, int(k))
+        kn = self.knowledge
+        self.empty = len(kn.dataset_ids) == 0 or len(kn.pipeline_ids) == 0
+        if self.empty:
+            return
+        self.norm = normalised_rows(kn.alc)
+        self.mean = kn.features.mean(axis=0)
+        self.std = np.maximum(kn.features.std(axis=0), MIN_FEATURE_STD)
+        self.z = self._standardise(kn.features)
+        # How far a dataset's nearest neighbour usually is, inside the store: beyond a few times that
+        # (and at least 3 z-units), a query is out of the seen range and the neighbours mean little.
+        if len(self.z) > 1:
+            d = np.linalg.norm(self.z[:, None, :] - self.z[None, :, :], axis=-1)
+            np.fill_diagonal(d, np.inf)
+            nn = d.min(axis=1)
+            self.max_distance = max(3.0, 2.0 * float(nn.max()))
+        else:
+            self.max_distance = 3.0
+        self.global_scores = self._aggregate(np.ones(len(self.z)), np.arange(len(self.z)))
+
+    def _standardise(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x - self.mean) / self.std, -Z_CLIP, Z_CLIP)
+
+    def _aggregate(self, weights: np.ndarray, rows: np.ndarray, candidates=None) -> dict:
+        """{pipeline_id: weighted mean normalised ALC} for pipelines covering enough of `rows`' weight."""
+        scores = {}
+        total = float(weights.sum())
+        for j, pipeline_id in enumerate(self.knowledge.pipeline_ids):
+            if candidates is not None and pipeline_id not in candidates:
+                continue
+            values = self.norm[rows, j]
+            seen = ~np.isnan(values)
+            covered = float(weights[seen].sum())
+            if not seen.any() or covered < MIN_COVERAGE * total - 1e-12:
+                continue
+            scores[pipeline_id] = float((weights[seen] * values[seen]).sum() / covered)
+        return scores
+
+    def rank(self, vector: np.ndarray, candidates=None) -> tuple[list[tuple[str, float]], dict]:
+        """Pipelines best first with their scores, and how the ranking was made."""
+        if self.empty:
+            return [], {"mode": "empty"}
+        vector = np.asarray(vector, dtype=np.float64)
+        if vector.shape != self.mean.shape or not np.all(np.isfinite(vector)):
+            return self._fallback(candidates, "unusable meta-features")
+        distances = np.linalg.norm(self.z - self._standardise(vector), axis=1)
+        order = np.argsort(distances, kind="stable")[: self.k]
+        nearest = float(distances[order[0]])
+        if nearest > self.max_distance:
+            return self._fallback(candidates, f"nearest stored dataset at distance {nearest:.2f} > "
+                                              f"{self.max_distance:.2f}")
+        weights = 1.0 / (distances[order] + 0.25)
+        scores = self._aggregate(weights, order, candidates)
+        if not scores:
+            return self._fallback(candidates, "no pipeline measured on the neighbours")
+        ranking = sorted(scores.items(), key=lambda kv: (-kv[1], -self.global_scores.get(kv[0], 0.0), kv[0]))
+        neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
+        return ranking, {"mode": "neighbours", "neighbours": neighbours}
+
+    def _fallback(self, candidates, why: str):
+        scores = {p: s for p, s in self.global_scores.items() if candidates is None or p in candidates}
+        if not scores:  # coverage too thin everywhere: any measured pipeline, by mean over what exists
+            scores = {p: float(np.nanmean(self.norm[:, j])) for j, p in enumerate(self.knowledge.pipeline_ids)
+                      if (candidates is None or p in candidates) and not np.all(np.isnan(self.norm[:, j]))}
+        ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ranking, {"mode": "global", "why": why}
+
+    def choose(self, vector: np.ndarray, candidates=None) -> tuple[str | None, str]:
+        ranking, info = self.rank(vector, candidates)
+        if not ranking:
+            return None, "no measured pipeline"
+        pipeline_id, score = ranking[0]
+        label = self.knowledge.label(pipeline_id)
+        if info["mode"] == "neighbours":
+            near = ", ".join(f"{d} ({dist})" for d, dist in info["neighbours"])
+            return pipeline_id, f"{label}: mean normalised ALC {score:.3f} over nearest datasets {near}"
+        return pipeline_id, f"{label}: best on average over {len(self.knowledge.dataset_ids)} datasets " \
+                            f"(score {score:.3f}; {info['why']})"
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+_CACHE: dict = {}
+
+
+def _backbone_ok():
+    """Registry check of a pipeline's backbone, when cheap: torch already loaded (model.py loads it first)."""
+    if "torch" not in sys.modules:
+        return None
+    try:
+        from pretrained import list_backbones
+
+        names = set(list_backbones())
+    except Exception:
+        return None
+    return lambda name: name in names
+
+
+def _selector_for(path: Path) -> NearestNeighbourSelector:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, current_device_kind(), expected_time_budget())
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = NearestNeighbourSelector(load_knowledge(path, backbone_ok=_backbone_ok()))
+    return _CACHE[key]
+
+
+def store_path() -> Path:
+    return Path(os.environ.get(ENV_STORE) or DEFAULT_STORE_PATH)
+
+
+def select_pipeline(metadata, store: str | os.PathLike | None = None) -> tuple[PipelineConfig, str]:
+    """Returns (pipeline, a short reason for the log); see the module docstring."""
+    forced = os.environ.get(ENV_PIPELINE)
+    if forced:
+        config = forced_pipeline(forced)
+        return config, f"forced by {ENV_PIPELINE}"
+    path = Path(store) if store is not None else store_path()
+    try:
+        vector = zero_shot_vector(metadata_features(metadata))
+    except Exception as exc:
+        return PipelineConfig(), f"default pipeline (metadata unusable: {exc})"
+    if not path.is_file():
+        return PipelineConfig(), f"default pipeline (no meta-knowledge store at {path})"
+    try:
+        selector = _selector_for(path)
+        if selector.empty:
+            return PipelineConfig(), f"default pipeline (store {path.name} holds no usable run)"
+        pipeline_id, reason = selector.choose(vector)
+    except Exception as exc:  # a broken store must never stop the solver
+        log.warning("meta-knowledge store unusable (%s): default pipeline", exc)
+        return PipelineConfig(), f"default pipeline (store unusable: {exc})"
+    if pipeline_id is None:
+        return PipelineConfig(), f"default pipeline ({reason})"
+    knowledge = selector.knowledge
+    return knowledge.configs[pipeline_id], f"{reason} [T={knowledge.time_budget:g}s, {knowledge.hardware}]"

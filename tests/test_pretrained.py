@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 
 import pytest
 import torch
@@ -151,6 +152,18 @@ def test_export_and_reload_from_weights_dir(tmp_path, monkeypatch):
         assert torch.allclose(body(images), reference(images), rtol=2e-2, atol=2e-2)
     with pytest.raises(pretrained.IncompatibleWeightsError, match="no ImageNet classifier"):
         pretrained.create_backbone(name, num_classes=1000, weights_dir=tmp_path / "fp16")
+
+
+@needs_weights("mobilenetv2_100")
+def test_export_falls_back_to_torch_save_without_safetensors(tmp_path, monkeypatch):
+    reference = pretrained.create_backbone("mobilenetv2_100")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # makes the import fail
+    path = pretrained.export_weights("mobilenetv2_100", tmp_path, include_classifier=False)
+    assert path.name == "mobilenetv2_100.pt"
+    monkeypatch.setattr(weight_files, "package_dir", lambda module: None)
+    body = pretrained.create_backbone("mobilenetv2_100", weights_dir=tmp_path)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(body.state_dict()[key], tensor), key
 
 
 @needs_weights("mobilenetv2_100")

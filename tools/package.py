@@ -56,15 +56,20 @@ class PackageResult:
 
 
 # --------------------------------------------------------------------------- what goes in
-def backbones_needed() -> list[str]:
-    """Backbones the shipped pipelines can select: meta_db's own list when it offers one, else the default's.
+def backbones_needed(store_path: str | os.PathLike | None = None) -> list[str]:
+    """Backbones the shipped pipelines can select (weights must ship for each, or the solver cannot start).
 
-    meta_db may expose ``selectable_backbones()`` (in meta_db.selector or meta_db.store) once it ships a
-    store; the default PipelineConfig's backbone is always included, since the selector falls back to it.
+    Always the default PipelineConfig's backbone (the selector's fallback); plus meta_db's own list when it
+    offers one (``selectable_backbones()`` in meta_db.selector or meta_db.store), else the backbone of every
+    pipeline with measured runs in the shipped store (meta_db/store.sqlite, or ``store_path``), as the
+    selector can pick any of those. Unregistered backbones are left out: the selector skips them too.
     """
     from autodl_core.config import PipelineConfig
+    from pretrained import list_backbones
 
-    names = [PipelineConfig().backbone]
+    default = PipelineConfig().backbone
+    names = [default]
+    offered = False
     for module_name in ("meta_db.selector", "meta_db.store"):
         try:
             module = importlib.import_module(module_name)
@@ -75,7 +80,28 @@ def backbones_needed() -> list[str]:
         offer = getattr(module, "selectable_backbones", None)
         if callable(offer):
             names.extend(str(name) for name in offer())
-    return list(dict.fromkeys(names))
+            offered = True
+    if not offered:
+        names.extend(_store_backbones(store_path, default))
+    registered = set(list_backbones())
+    return [default] + [name for name in dict.fromkeys(names) if name in registered and name != default]
+
+
+def _store_backbones(store_path: str | os.PathLike | None, default: str) -> list[str]:
+    """Backbones of the pipelines that have runs in the meta-knowledge store ([] when there is no store)."""
+    try:
+        from meta_db.store import DEFAULT_STORE_PATH, Store
+    except ModuleNotFoundError as error:
+        if error.name not in ("meta_db.store",):
+            raise
+        return []
+    path = Path(store_path) if store_path is not None else Path(DEFAULT_STORE_PATH)
+    if not path.is_file():
+        return []
+    with Store(path, readonly=True) as store:
+        measured = {pipeline_id for _, pipeline_id in store.alc_table()}
+        return [str(raw.get("backbone", default)) for pipeline_id, _, raw in store.pipelines()
+                if pipeline_id in measured]
 
 
 def _skipped(relative: Path) -> bool:
@@ -327,12 +353,45 @@ def kit_run_command(code_dir: Path, dataset: str, budget: float, out_dir: Path, 
             f"{budget:g}", "--out", str(out_dir), "--tf-mode", "graph", "--python", python]
 
 
-def verify_submission(zip_path: Path, dataset: str, budget: float, work_dir: Path) -> int:
-    """Unpack ``zip_path`` into work_dir/unzipped and run it through kit_run isolated; 0 when it scored
-    and every watched module came from the unpacked copy."""
+@dataclass
+class VerifyResult:
+    """Outcome of one isolated kit run of an unpacked submission."""
+
+    returncode: int
+    score_line: str
+    scores: dict  # ALC, NAUC, n_predictions, duration parsed from the score line ({} when missing)
+    origins: dict  # watched module -> set of files it was loaded from
+    hidden: set  # hidden modules something tried to import (and was refused)
+    problems: list  # watched modules loaded from outside the unpacked copy
+    stderr_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.problems and self.scores.get("n_predictions", 0) >= 1
+
+
+def parse_score_line(line: str) -> dict:
+    """kit_run's last line `ALC=.. NAUC=.. n_predictions=.. duration=..` as numbers ({} when malformed)."""
+    scores = {}
+    for token in line.split():
+        key, sep, value = token.partition("=")
+        if not sep:
+            return {}
+        try:
+            scores[key] = int(value) if key == "n_predictions" else float(value)
+        except ValueError:
+            return {}
+    return scores if {"ALC", "NAUC", "n_predictions"} <= set(scores) else {}
+
+
+def verify_submission(zip_path: Path, dataset: str, budget: float, work_dir: Path,
+                      unzip_dir: Path | None = None) -> VerifyResult:
+    """Unpack ``zip_path`` (into unzip_dir, default work_dir/unzipped, emptied first) and run it through
+    kit_run in the isolated environment; kit_run's output goes to work_dir/kit_out."""
     if not os.environ.get("AUTODL_KIT_GIT"):
         raise UserInputError("--verify needs $AUTODL_KIT_GIT (the official starting kit's git dir)")
-    unzipped = work_dir / "unzipped"
+    work_dir = Path(work_dir).resolve()
+    unzipped = Path(unzip_dir).resolve() if unzip_dir is not None else work_dir / "unzipped"
     shutil.rmtree(unzipped, ignore_errors=True)
     with zipfile.ZipFile(zip_path) as archive:
         archive.extractall(unzipped)
@@ -341,22 +400,29 @@ def verify_submission(zip_path: Path, dataset: str, budget: float, work_dir: Pat
     env = isolated_env(work_dir / "guard", log_path)
     kit_out = work_dir / "kit_out"
     command = kit_run_command(unzipped, dataset, budget, kit_out)
-    print("running:", " ".join(command), flush=True)
     completed = subprocess.run(command, env=env, cwd=work_dir, capture_output=True, text=True)
-    score_line = completed.stdout.strip().splitlines()[-1] if completed.stdout.strip() else "(no score line)"
-    print(score_line)
+    lines = completed.stdout.strip().splitlines()
+    score_line = lines[-1] if lines else ""
     origins, hidden = import_origins(log_path)
-    # kit_run copies the code dir to OUT/code before running it.
+    # kit_run copies the code dir to OUT/code and runs that copy.
     problems = foreign_imports(origins, kit_out / "code")
-    for module, paths in sorted(origins.items()):
+    # pretrained only looks for a weight package when $AUTODL_WEIGHTS_DIR (weights/) lacks the file.
+    problems += [f"weights: looked for the pip package {module} (its file is not in {WEIGHTS_FOLDER}/)"
+                 for module in sorted(hidden) if module.partition(".")[0] not in HIDDEN_WHEN_VERIFYING]
+    return VerifyResult(completed.returncode, score_line, parse_score_line(score_line), origins, hidden,
+                        problems, completed.stderr[-3000:])
+
+
+def print_verification(result: VerifyResult) -> None:
+    print(result.score_line or "(kit_run printed no score line)")
+    for module, paths in sorted(result.origins.items()):
         print(f"  {module} loaded from {', '.join(sorted(paths))}")
-    print(f"  hidden modules something tried to import: {', '.join(sorted(hidden)) or 'none'}")
-    if completed.returncode != 0 or problems:
-        print(completed.stderr[-3000:], file=sys.stderr)
-        for problem in problems:
+    print(f"  hidden modules something tried to import: {', '.join(sorted(result.hidden)) or 'none'}")
+    if not result.ok:
+        print(result.stderr_tail, file=sys.stderr)
+        for problem in result.problems:
             print(f"problem: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    print("verification " + ("passed" if result.ok else f"FAILED (kit_run exit {result.returncode})"))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -367,7 +433,10 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         work_dir = Path(args.verify_dir or tempfile.mkdtemp(prefix="verify_submission_")).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
-        return verify_submission(result.path, args.verify, args.verify_budget, work_dir)
+        print(f"verifying in {work_dir} ...", flush=True)
+        verification = verify_submission(result.path, args.verify, args.verify_budget, work_dir)
+        print_verification(verification)
+        return 0 if verification.ok else 1
     return 0
 
 
@@ -385,7 +454,7 @@ def register(subparsers) -> None:
     parser.add_argument("--vendor", nargs="+", metavar="PACKAGE",
                         help=f"pure-Python packages to ship under vendor/ (default: {' '.join(DEFAULT_VENDOR)})")
     parser.add_argument("--half", action="store_true",
-                        help="store weights as float16 (half the size; features change by ~1e-3 relative)")
+                        help="store weights as float16 (half the size; pooled features change by ~1e-2 relative)")
     parser.add_argument("--verify", metavar="DATASET",
                         help="then run the unpacked zip through kit_run on DATASET (e.g. kit:miniciao), hiding "
                              "the weight packages, and check it only used its own files")

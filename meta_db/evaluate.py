@@ -1,0 +1,134 @@
+"""Leave-one-dataset-out (LODO) evaluation of the selector: would it have chosen well on a dataset it never saw?
+
+For each dataset with runs, the selector is fitted without that dataset's whole family (the
+corpus dataset and every variant derived from it: a variant of the held-out set would leak its
+answer), then asked for the held-out dataset's pipeline from its metadata features alone.
+Compared with the single best fixed pipeline (best mean ALC on the other families) and the
+oracle (best pipeline measured on the held-out dataset). Regret = oracle ALC - chosen ALC.
+Candidates are limited to the pipelines measured on the held-out dataset, so every choice has
+a known ALC.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meta_db.selector import DEFAULT_K, Knowledge, NearestNeighbourSelector
+
+
+@dataclass
+class LodoRow:
+    dataset_id: str
+    family_id: str
+    selected: str | None
+    selected_alc: float
+    fixed: str | None
+    fixed_alc: float
+    oracle: str
+    oracle_alc: float
+    default_alc: float | None
+    mode: str
+
+    @property
+    def regret_selected(self) -> float:
+        return self.oracle_alc - self.selected_alc
+
+    @property
+    def regret_fixed(self) -> float:
+        return self.oracle_alc - self.fixed_alc
+
+
+def best_fixed(knowledge: Knowledge, candidates: set[str] | None = None) -> str | None:
+    """The pipeline with the best mean ALC over the datasets it was measured on (at least half of them)."""
+    best, best_score = None, -math.inf
+    n = len(knowledge.dataset_ids)
+    for j, pipeline_id in enumerate(knowledge.pipeline_ids):
+        if candidates is not None and pipeline_id not in candidates:
+            continue
+        column = knowledge.alc[:, j]
+        seen = ~np.isnan(column)
+        if seen.sum() == 0 or seen.sum() < 0.5 * n:
+            continue
+        score = float(column[seen].mean())
+        if score > best_score + 1e-12:
+            best, best_score = pipeline_id, score
+    return best
+
+
+def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: str | None = None) -> list[LodoRow]:
+    rows = []
+    for i, dataset_id in enumerate(knowledge.dataset_ids):
+        measured = ~np.isnan(knowledge.alc[i])
+        if not measured.any():
+            continue
+        alc = {p: float(knowledge.alc[i, j]) for j, p in enumerate(knowledge.pipeline_ids) if measured[j]}
+        candidates = set(alc)
+        train = knowledge.without_family(knowledge.families[i])
+        oracle = max(alc, key=lambda p: (alc[p], p))
+        selector = NearestNeighbourSelector(train, k=k)
+        selected, mode = None, "none"
+        if not selector.empty:
+            ranking, info = selector.rank(knowledge.features[i], candidates)
+            if ranking:
+                selected, mode = ranking[0][0], info["mode"]
+        fixed = best_fixed(train, candidates) if len(train.dataset_ids) else None
+        rows.append(LodoRow(
+            dataset_id=dataset_id, family_id=knowledge.families[i], selected=selected,
+            selected_alc=alc[selected] if selected else math.nan, fixed=fixed,
+            fixed_alc=alc[fixed] if fixed else math.nan, oracle=oracle, oracle_alc=alc[oracle],
+            default_alc=alc.get(default_id) if default_id else None, mode=mode))
+    return rows
+
+
+def _f(value, fmt=".4f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K) -> str:
+    label = knowledge.label
+    lines = [f"# Leave-one-dataset-out evaluation of the selector",
+             "",
+             f"Stratum: T = {_f(knowledge.time_budget, 'g')} s, hardware {knowledge.hardware or '-'}; "
+             f"{len(knowledge.dataset_ids)} datasets ({len(set(knowledge.families))} families), "
+             f"{len(knowledge.pipeline_ids)} pipelines; k = {k}. Each row: selector and best fixed pipeline "
+             "fitted without the dataset's family.",
+             "",
+             "| dataset | selected | ALC | best fixed | ALC | oracle | ALC | default ALC | regret sel. | regret fixed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sel = (label(r.selected) if r.selected else "-") + ("" if r.mode in ("neighbours", "none") else " (global)")
+        lines.append(f"| {r.dataset_id} | {sel} | {_f(r.selected_alc)} | {label(r.fixed) if r.fixed else '-'} | "
+                     f"{_f(r.fixed_alc)} | {label(r.oracle)} | {_f(r.oracle_alc)} | {_f(r.default_alc)} | "
+                     f"{_f(r.regret_selected)} | {_f(r.regret_fixed)} |")
+    if rows:
+        mean = lambda values: _f(float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan)  # noqa
+        sel = np.array([r.selected_alc for r in rows])
+        fix = np.array([r.fixed_alc for r in rows])
+        orc = np.array([r.oracle_alc for r in rows])
+        dfl = np.array([math.nan if r.default_alc is None else r.default_alc for r in rows])
+        lines.append(f"| **mean** | | {mean(sel)} | | {mean(fix)} | | {mean(orc)} | {mean(dfl)} | "
+                     f"{mean(orc - sel)} | {mean(orc - fix)} |")
+        wins = sum(1 for r in rows if r.selected_alc > r.fixed_alc + 1e-9)
+        losses = sum(1 for r in rows if r.selected_alc < r.fixed_alc - 1e-9)
+        lines += ["", f"Selector vs best fixed: {wins} wins, {losses} losses, {len(rows) - wins - losses} ties."]
+    else:
+        lines += ["", "No dataset with runs in this stratum."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_store(store_path, time_budget: float | None = None, hardware: str | None = None, k: int = DEFAULT_K,
+                   out: str | Path | None = None) -> tuple[list[LodoRow], str]:
+    """LODO over one stratum of a store file; writes the markdown to `out` when given."""
+    from autodl_core.config import PipelineConfig
+    from meta_db.selector import load_knowledge
+
+    knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware)
+    rows = leave_one_dataset_out(knowledge, k=k, default_id=PipelineConfig().pipeline_id())
+    text = markdown_report(rows, knowledge, k)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return rows, text

@@ -1,0 +1,83 @@
+"""The portfolio: a small set of named pipelines that differ in the choices that matter on a CPU.
+
+Meta-training runs each of them on each dataset; the selector then picks among them. Names are
+for people; the store keys pipelines by `PipelineConfig.pipeline_id()`, a hash of the fields, so
+changing a pipeline's fields makes it a new pipeline (old runs stay attached to the old id).
+Keep the set small (each member costs one run per dataset and budget).
+"""
+from __future__ import annotations
+
+from autodl_core.config import PipelineConfig
+
+_BASE = PipelineConfig()
+
+PORTFOLIO: dict[str, PipelineConfig] = {
+    # the solver's defaults: MobileNetV2, resolution from the data, LP-FT with 30% of the blocks frozen
+    "default": _BASE,
+    # frozen features + linear head only: no fine-tuning cost, best when data is tiny or time short
+    "mnv2-probe": PipelineConfig(strategy="probe"),
+    # fixed working resolutions: small (glyphs, 8-28 px sources), medium, larger (100+ px photos)
+    "mnv2-ft-r32": PipelineConfig(probe_resolution=32, finetune_resolution=32),
+    "mnv2-ft-r64": PipelineConfig(probe_resolution=64, finetune_resolution=64),
+    "mnv2-ft-r96": PipelineConfig(probe_resolution=96, finetune_resolution=96, batch_size=32),
+    # how much of the backbone moves, and how fast
+    "mnv2-ft-full-lr02": PipelineConfig(freeze_fraction=0.0, lr=0.02),
+    "mnv2-ft-frozen70-lr005": PipelineConfig(freeze_fraction=0.7, lr=0.005),
+    # schedule: shorter first slice and slower growth -> earlier, more frequent predictions
+    "mnv2-ft-quick": PipelineConfig(first_slice_seconds=4.0, slice_growth=1.4, batch_size=32),
+    # no augmentation (glyph-like data where shifts/flips hurt)
+    "mnv2-ft-noaug": PipelineConfig(augment_flip=False, augment_shift=0.0, label_smoothing=0.0),
+    # EfficientNet-Lite0: slower on CPU, often better features
+    "lite0-ft": PipelineConfig(backbone="efficientnet_lite0"),
+    "lite0-probe-r64": PipelineConfig(backbone="efficientnet_lite0", strategy="probe", probe_resolution=64),
+    "lite0-ft-r96-lr005": PipelineConfig(backbone="efficientnet_lite0", probe_resolution=96,
+                                         finetune_resolution=96, lr=0.005, batch_size=32),
+}
+
+STRATEGIES = ("probe", "finetune")
+
+
+def portfolio_ids() -> dict[str, str]:
+    """{name: pipeline_id}."""
+    return {name: config.pipeline_id() for name, config in PORTFOLIO.items()}
+
+
+def name_of(pipeline_id: str) -> str | None:
+    for name, config in PORTFOLIO.items():
+        if config.pipeline_id() == pipeline_id:
+            return name
+    return None
+
+
+def resolve_pipelines(specs: list[str], known: dict[str, PipelineConfig] | None = None) -> list[tuple[str, PipelineConfig]]:
+    """'portfolio' -> every member; otherwise each spec is a portfolio name or a pipeline id.
+
+    `known` adds {pipeline_id: config} pairs (e.g. from the store) for ids outside the portfolio.
+    Raises ValueError naming the unknown specs.
+    """
+    by_id = {config.pipeline_id(): (name, config) for name, config in PORTFOLIO.items()}
+    for pipeline_id, config in (known or {}).items():
+        by_id.setdefault(pipeline_id, (pipeline_id, config))
+    chosen: list[tuple[str, PipelineConfig]] = []
+    unknown = []
+    for spec in specs:
+        spec = spec.strip()
+        if spec == "portfolio":
+            chosen.extend(PORTFOLIO.items())
+        elif spec in PORTFOLIO:
+            chosen.append((spec, PORTFOLIO[spec]))
+        elif spec in by_id:
+            chosen.append(by_id[spec])
+        else:
+            unknown.append(spec)
+    if unknown:
+        raise ValueError(f"unknown pipeline(s) {unknown}: use 'portfolio', a portfolio name "
+                         f"({', '.join(PORTFOLIO)}) or a pipeline id from the store")
+    seen, unique = set(), []
+    for name, config in chosen:
+        if config.pipeline_id() not in seen:
+            seen.add(config.pipeline_id())
+            unique.append((name, config))
+    if not unique:
+        raise ValueError("no pipeline given")
+    return unique

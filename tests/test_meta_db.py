@@ -1,0 +1,319 @@
+"""meta_db: store schema and round trip, zero-shot features, portfolio, selector, leave-one-dataset-out.
+
+All on synthetic stores written here (no corpus, no TensorFlow, no torch): fast.
+"""
+import json
+import math
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from autodl_core.config import PipelineConfig
+from meta_db import selector as sel
+from meta_db.evaluate import best_fixed, evaluate_store, leave_one_dataset_out, markdown_report
+from meta_db.metafeatures import ZERO_SHOT_NAMES, hardware_key, metadata_features, zero_shot_vector
+from meta_db.portfolio import PORTFOLIO, name_of, portfolio_ids, resolve_pipelines
+from meta_db.store import (HARNESS_ERROR, SCHEMA_VERSION, DatasetRecord, RunRecord, Store, StoreVersionError,
+                           task_key)
+
+A = PORTFOLIO["mnv2-ft-r32"]  # best on small grayscale sets in the synthetic store
+B = PORTFOLIO["lite0-ft-r96-lr005"]  # best on large colour sets
+C = PORTFOLIO["mnv2-probe"]  # mediocre everywhere, best on the odd family
+DEFAULT = PORTFOLIO["default"]
+
+
+class FakeMetadata:
+    """The kit's metadata methods the selector uses."""
+
+    def __init__(self, n_train, n_classes, rows, cols, channels):
+        self.n, self.k, self.shape, self.c = n_train, n_classes, (rows, cols), channels
+
+    def size(self):
+        return self.n
+
+    def get_output_size(self):
+        return self.k
+
+    def get_matrix_size(self, bundle_index=0):
+        return self.shape
+
+    def get_num_channels(self, bundle_index=0):
+        return self.c
+
+
+def features(n, k, side, channels, rows=None):
+    return {"n_train": n, "n_classes": k, "rows": rows if rows is not None else side, "cols": side,
+            "channels": channels, "variable_size": side <= 0}
+
+
+def add_dataset(store, dataset_id, feats, alcs, budget=300.0, hardware="cpu2", family=None, parent=None):
+    store.upsert_dataset(DatasetRecord(dataset_id, feats, parent_id=parent, family_id=family or ""))
+    for config, alc in alcs.items():
+        store.record_run(RunRecord(dataset_id, config.pipeline_id(), budget, hardware, "ok", alc=alc,
+                                   timestamps=[1.0, 5.0], scores=[0.2, alc]))
+
+
+@pytest.fixture()
+def synthetic_store(tmp_path):
+    """Two clear clusters: small grayscale (A best) and large colour (B best)."""
+    path = tmp_path / "store.sqlite"
+    rng = np.random.default_rng(0)
+    with Store(path) as store, store.batch():
+        for name, config in PORTFOLIO.items():
+            store.upsert_pipeline(config, name)
+        for i in range(5):
+            add_dataset(store, f"gray{i}", features(int(rng.integers(800, 3000)), 10, int(rng.choice([28, 32])), 1),
+                        {A: 0.80 + 0.01 * i, B: 0.60, C: 0.70, DEFAULT: 0.72})
+            add_dataset(store, f"color{i}", features(int(rng.integers(20000, 60000)), 5, int(rng.choice([64, 96])), 3),
+                        {A: 0.55, B: 0.85 + 0.01 * i, C: 0.65, DEFAULT: 0.75})
+    return path
+
+
+# ---------------------------------------------------------------------- store
+
+
+def test_store_schema_created_versioned_and_reopened(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"store_info", "datasets", "pipelines", "runs"} <= tables
+        info = dict(store.conn.execute("SELECT key, value FROM store_info").fetchall())
+        assert info["schema_version"] == str(SCHEMA_VERSION) and "created_at" in info
+    with Store(path, readonly=True) as store:  # reopening changes nothing
+        assert store.summary()["runs"] == 0
+        with pytest.raises(PermissionError):
+            store.upsert_pipeline(DEFAULT)
+
+
+def test_store_upgrades_old_and_refuses_newer_files(tmp_path):
+    old = tmp_path / "old.sqlite"
+    sqlite3.connect(old).close()  # version 0: an empty file
+    with pytest.raises(StoreVersionError, match="open it writable"):
+        Store(old, readonly=True)
+    with Store(old) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+    newer = tmp_path / "newer.sqlite"
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreVersionError, match="update the code"):
+        Store(newer)
+    with pytest.raises(FileNotFoundError):
+        Store(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_store_round_trip_and_queries(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        feats = features(1000, 10, 28, 1)
+        store.upsert_dataset(DatasetRecord("mnist", feats, data_features={"pixel_mean": 0.13}))
+        store.upsert_dataset(DatasetRecord("mnist__c5-r1", feats, parent_id="mnist", derivation={"classes": 5}))
+        store.upsert_dataset(DatasetRecord("mnist", feats))  # no data features given: the stored ones stay
+        assert store.get_dataset("mnist").data_features == {"pixel_mean": 0.13}
+        variant = store.get_dataset("mnist__c5-r1")
+        assert variant.parent_id == "mnist" and variant.family_id == "mnist" and variant.derivation == {"classes": 5}
+        assert store.get_dataset("nothing") is None
+
+        pid = store.upsert_pipeline(A, "r32")
+        assert pid == A.pipeline_id() and store.get_pipeline(pid) == A
+        assert store.pipelines() == [(pid, "r32", A.to_dict())]
+
+        run = RunRecord("mnist", pid, 300, "cpu2", "ok", alc=0.71, final_nauc=float("nan"), n_predictions=4,
+                        timestamps=[2.0, 9.5], scores=[0.3, float("nan")], time_to_first_prediction=2.0,
+                        peak_rss_bytes=123, code_version="abc", hardware_info={"kind": "cpu", "cpu_count": 2})
+        store.record_run(run)
+        got = store.runs(dataset_id="mnist")[0]
+        assert got.alc == pytest.approx(0.71) and got.final_nauc is None  # NaN is stored as NULL
+        assert got.timestamps == [2.0, 9.5] and got.scores == [0.3, None]
+        assert got.hardware_info == {"kind": "cpu", "cpu_count": 2} and got.code_version == "abc"
+        assert got.run_key() == task_key("mnist", pid, 300, 0, "graph", "cpu2")
+        store.record_run(RunRecord("mnist", pid, 300, "cpu2", "ok", alc=0.75))  # same key: replaces
+        assert [r.alc for r in store.runs()] == [pytest.approx(0.75)]
+        store.record_run(RunRecord("mnist", pid, 600, "cpu2", HARNESS_ERROR, error="boom"))
+        assert store.has_run(task_key("mnist", pid, 600, 0, "graph", "cpu2"))
+        assert store.runs(status=HARNESS_ERROR)[0].error == "boom"
+        assert store.alc_table() == {("mnist", pid): pytest.approx(0.75)}  # harness errors are no measurement
+        assert store.runs(time_budget=600, hardware="cpu2")[0].status == HARNESS_ERROR
+        with pytest.raises(KeyError, match="unknown dataset_id"):
+            store.record_run(RunRecord("ghost", pid, 300, "cpu2", "ok", alc=0.1))
+        summary = store.summary()
+        assert summary["runs"] == 2 and summary["datasets"] == 2 and summary["time_budgets"] == [300.0, 600.0]
+
+
+# ---------------------------------------------------------------------- meta-features and portfolio
+
+
+def test_zero_shot_vector():
+    fixed = zero_shot_vector(metadata_features(FakeMetadata(1000, 10, 28, 28, 1)))
+    assert fixed.shape == (len(ZERO_SHOT_NAMES),)
+    assert fixed[0] == pytest.approx(3.0) and fixed[1] == pytest.approx(1.0) and fixed[3] == pytest.approx(math.log2(28))
+    assert fixed[5] == 0.0 and fixed[6] == 0.0
+    variable = zero_shot_vector(metadata_features(FakeMetadata(500, 4, -1, -1, 3)))
+    assert variable[6] == 1.0 and variable[5] == 1.0 and np.all(np.isfinite(variable))
+    with pytest.raises(ValueError, match="n_train >= 1"):
+        zero_shot_vector(features(0, 10, 28, 1))
+    with pytest.raises(ValueError, match="incomplete"):
+        zero_shot_vector({"n_train": 10})
+    assert hardware_key("cpu", 8) == "cpu8" and hardware_key("cuda", 16, "NVIDIA H200") == "cuda-nvidia-h200"
+
+
+def test_portfolio_is_small_valid_and_resolvable():
+    ids = portfolio_ids()
+    assert 8 <= len(ids) <= 12 and len(set(ids.values())) == len(ids)
+    for name, config in PORTFOLIO.items():
+        assert PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict()))).pipeline_id() == ids[name]
+        assert config.strategy in ("probe", "finetune")
+        assert config.backbone in ("mobilenetv2_100", "efficientnet_lite0")
+        assert name_of(ids[name]) == name
+    assert len(resolve_pipelines(["portfolio"])) == len(ids)
+    assert [n for n, _ in resolve_pipelines(["mnv2-probe", ids["default"], "mnv2-probe"])] == ["mnv2-probe", "default"]
+    custom = PipelineConfig(lr=0.123)
+    assert resolve_pipelines([custom.pipeline_id()], {custom.pipeline_id(): custom})[0][1] == custom
+    with pytest.raises(ValueError, match="unknown pipeline"):
+        resolve_pipelines(["nope"])
+
+
+# ---------------------------------------------------------------------- selector
+
+
+def test_selector_picks_the_known_answer(synthetic_store):
+    config, reason = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
+    assert config == A and "nearest datasets" in reason and "gray" in reason
+    config, reason = sel.select_pipeline(FakeMetadata(40000, 5, 80, 80, 3), store=synthetic_store)
+    assert config == B and "color" in reason
+
+
+def test_selector_handles_out_of_range_metadata(synthetic_store):
+    # a billion 4000-px images with 5000 classes: far from everything -> the best pipeline on average
+    config, reason = sel.select_pipeline(FakeMetadata(10**9, 5000, 4000, 4000, 3), store=synthetic_store)
+    assert "best on average" in reason and config in (A, B, C, DEFAULT)
+    knowledge = sel.load_knowledge(synthetic_store)
+    selector = sel.NearestNeighbourSelector(knowledge)
+    assert selector.choose(np.full(len(ZERO_SHOT_NAMES), np.nan))[1].endswith("unusable meta-features)")
+    # garbage metadata never breaks the solver
+    config, reason = sel.select_pipeline(FakeMetadata(0, 0, 0, 0, 0), store=synthetic_store)
+    assert config == PipelineConfig() and "metadata unusable" in reason
+
+
+def test_selector_falls_back_without_a_usable_store(tmp_path, monkeypatch):
+    meta = FakeMetadata(1000, 10, 28, 28, 1)
+    config, reason = sel.select_pipeline(meta, store=tmp_path / "missing.sqlite")
+    assert config == PipelineConfig() and "no meta-knowledge store" in reason
+    with Store(tmp_path / "empty.sqlite"):
+        pass
+    config, reason = sel.select_pipeline(meta, store=tmp_path / "empty.sqlite")
+    assert config == PipelineConfig() and "no usable run" in reason
+    broken = tmp_path / "broken.sqlite"
+    broken.write_bytes(b"this is not an sqlite file" * 100)
+    config, reason = sel.select_pipeline(meta, store=broken)
+    assert config == PipelineConfig() and "store unusable" in reason
+    monkeypatch.setenv(sel.ENV_STORE, str(tmp_path / "missing-too.sqlite"))
+    assert "missing-too" in sel.select_pipeline(meta)[1]
+
+
+def test_selector_skips_pipelines_this_code_cannot_run(synthetic_store):
+    with Store(synthetic_store) as store:  # a record from a future code version with an unknown field
+        store.conn.execute("UPDATE pipelines SET config = ? WHERE pipeline_id = ?",
+                           (json.dumps({**A.to_dict(), "future_field": 1}), A.pipeline_id()))
+    config, _ = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
+    assert config != A
+    knowledge = sel.load_knowledge(synthetic_store, backbone_ok=lambda name: name != "efficientnet_lite0")
+    assert B.pipeline_id() not in knowledge.pipeline_ids
+
+
+def test_forced_pipeline(tmp_path, monkeypatch, synthetic_store):
+    meta = FakeMetadata(1500, 10, 28, 28, 1)
+    monkeypatch.setenv(sel.ENV_PIPELINE, json.dumps(C.to_dict()))
+    assert sel.select_pipeline(meta, store=synthetic_store) == (C, f"forced by {sel.ENV_PIPELINE}")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(B.to_dict()))
+    monkeypatch.setenv(sel.ENV_PIPELINE, str(path))
+    assert sel.select_pipeline(meta)[0] == B
+    for bad, message in ((str(tmp_path / "none.json"), "neither a JSON object"), ("{oops", "not valid JSON"),
+                         (json.dumps({"lr": 0.1, "bogus": 1}), "not a valid PipelineConfig")):
+        monkeypatch.setenv(sel.ENV_PIPELINE, bad)
+        with pytest.raises(ValueError, match=message):
+            sel.select_pipeline(meta)
+
+
+def test_selector_uses_the_stratum_of_this_machine_and_budget(tmp_path, monkeypatch):
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        feats = features(1000, 10, 28, 1)
+        store.upsert_dataset(DatasetRecord("d", feats))
+        for config in (A, B, C):
+            store.upsert_pipeline(config)
+        for config, alc in ((A, 0.9), (B, 0.5)):
+            store.record_run(RunRecord("d", config.pipeline_id(), 300, "cpu2", "ok", alc=alc))
+        for config, alc in ((A, 0.5), (B, 0.9)):
+            store.record_run(RunRecord("d", config.pipeline_id(), 300, "cuda-h200", "ok", alc=alc))
+        store.record_run(RunRecord("d", C.pipeline_id(), 60, "cpu2", "ok", alc=0.99))
+    meta = FakeMetadata(1000, 10, 28, 28, 1)
+    monkeypatch.setattr(sel, "current_device_kind", lambda: "cpu")
+    config, reason = sel.select_pipeline(meta, store=path)
+    assert config == A and "T=300s, cpu2" in reason  # 300 s is nearer 1200 s than 60 s
+    monkeypatch.setenv(sel.ENV_BUDGET, "50")
+    assert sel.select_pipeline(meta, store=path)[0] == C
+    monkeypatch.delenv(sel.ENV_BUDGET)
+    monkeypatch.setattr(sel, "current_device_kind", lambda: "cuda")
+    assert sel.select_pipeline(meta, store=path)[0] == B
+
+
+def test_selector_is_fast_on_a_full_size_store(tmp_path):
+    path = tmp_path / "big.sqlite"
+    rng = np.random.default_rng(1)
+    with Store(path) as store, store.batch():  # one transaction, as a merge of many runs writes them
+        for name, config in PORTFOLIO.items():
+            store.upsert_pipeline(config, name)
+        for i in range(150):  # ~ 10 corpus datasets x 15 variants
+            f = features(int(rng.integers(100, 60000)), int(rng.integers(2, 50)), int(rng.choice([8, 28, 64, 100])),
+                         int(rng.choice([1, 3])))
+            store.upsert_dataset(DatasetRecord(f"d{i}", f, parent_id=f"p{i // 15}"))
+            for config in PORTFOLIO.values():
+                store.record_run(RunRecord(f"d{i}", config.pipeline_id(), 300, "cpu2", "ok", alc=float(rng.random()),
+                                           timestamps=list(range(30)), scores=[0.5] * 30))
+    sel._CACHE.clear()
+    started = time.perf_counter()
+    config, reason = sel.select_pipeline(FakeMetadata(5000, 10, 32, 32, 3), store=path)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    sel.select_pipeline(FakeMetadata(5000, 10, 32, 32, 3), store=path)
+    again = time.perf_counter() - started
+    assert "nearest datasets" in reason and config in PORTFOLIO.values()
+    assert first < 1.0 and again < 0.05, (first, again)
+
+
+# ---------------------------------------------------------------------- leave-one-dataset-out
+
+
+def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
+    with Store(synthetic_store) as store:
+        # An odd family (huge class count) where C wins, with a variant that would leak the answer
+        # if leave-one-dataset-out did not drop the held-out dataset's whole family.
+        add_dataset(store, "odd", features(3000, 200, 48, 3), {A: 0.6, B: 0.6, C: 0.9, DEFAULT: 0.5})
+        add_dataset(store, "odd__c150", features(2500, 150, 48, 3), {A: 0.6, B: 0.6, C: 0.9, DEFAULT: 0.5},
+                    parent="odd")
+    knowledge = sel.load_knowledge(synthetic_store)
+    assert knowledge.families[knowledge.dataset_ids.index("odd__c150")] == "odd"
+    rows = {r.dataset_id: r for r in leave_one_dataset_out(knowledge, k=3, default_id=DEFAULT.pipeline_id())}
+    assert len(rows) == 12
+    for i in range(5):
+        assert rows[f"gray{i}"].selected == A.pipeline_id() and rows[f"gray{i}"].regret_selected == pytest.approx(0)
+        assert rows[f"color{i}"].selected == B.pipeline_id() and rows[f"color{i}"].regret_selected == pytest.approx(0)
+    assert rows["odd"].selected != C.pipeline_id() and rows["odd"].oracle == C.pipeline_id()
+    assert rows["odd"].regret_selected > 0.2
+    # the single best fixed pipeline cannot fit both clusters: it regrets on one of them
+    assert sum(r.regret_fixed for r in rows.values()) > sum(r.regret_selected for r in rows.values())
+    assert rows["gray0"].default_alc == pytest.approx(0.72)
+    text = markdown_report(list(rows.values()), knowledge, k=3)
+    assert "| gray0 | mnv2-ft-r32 | 0.8000 |" in text and "**mean**" in text and "wins" in text
+    _, written = evaluate_store(synthetic_store, k=3, out=tmp_path / "lodo.md")
+    assert (tmp_path / "lodo.md").read_text() == written
+
+
+def test_best_fixed_needs_coverage():
+    knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
+                              {}, np.array([[0.5, 0.99], [0.5, np.nan], [0.5, np.nan]]))
+    assert best_fixed(knowledge) == "p"  # q looks better but was measured on one dataset of three
