@@ -17,9 +17,15 @@ class PipelineConfig:
     probe_resolution: int = 0
     finetune_resolution: int = 0
     max_resolution: int = 128
-    strategy: str = "finetune"  # "probe" (frozen features + linear head only) | "finetune"
-    freeze_fraction: float = 0.3  # share of backbone blocks kept frozen while fine-tuning
+    # "probe": frozen features + linear head only; "finetune_top": the blocks after `trunk_blocks`
+    # fine-tuned on cached trunk activations (CPU); "finetune": the whole network on images with
+    # augmentation (GPU); "auto": finetune on a GPU, finetune_top on a CPU.
+    strategy: str = "auto"
+    trunk_blocks: int = 4
+    freeze_fraction: float = 0.3  # share of backbone blocks kept frozen by "finetune"
     lr: float = 0.01
+    top_lr: float = 0.01
+    top_dropout: float = 0.2
     batch_size: int = 64
     weight_decay: float = 5e-5
     ema_decay: float = 0.98

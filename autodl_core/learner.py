@@ -109,7 +109,7 @@ class FineTuner:
     def __init__(self, model: Classifier, preprocess: Preprocessor, multilabel: bool, lr: float = 0.01,
                  batch_size: int = 64, weight_decay: float = 5e-5, freeze_fraction: float = 0.3,
                  ema_decay: float = 0.99, label_smoothing: float = 0.1, flip: bool = True, max_shift: float = 0.1,
-                 total_steps_hint: int = 1000):
+                 total_steps_hint: int = 1000, freeze_bn: bool = False):
         self.device = preprocess.device
         self.model = model.to(self.device)
         if self.device.type != "cpu" or preprocess.channels_last:
@@ -121,6 +121,10 @@ class FineTuner:
         self.max_shift = max_shift
         self.label_smoothing = label_smoothing
         self.frozen = freeze_early_layers(self.model.backbone, freeze_fraction)
+        if freeze_bn:
+            # Keep the pretrained normalisation statistics: with small CPU batches, batch statistics
+            # would shift the features the linear-probe head was fitted on.
+            self.frozen += [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         head_params = list(self.model.head.parameters())
         body_params = [p for p in self.model.backbone.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
@@ -153,17 +157,20 @@ class FineTuner:
             return F.binary_cross_entropy_with_logits(logits.float(), targets)
         return F.cross_entropy(logits.float(), targets.argmax(1), label_smoothing=self.label_smoothing)
 
-    def train_until(self, images: np.ndarray, labels: np.ndarray, size, deadline: float,
-                    max_steps: int | None = None, indices: np.ndarray | None = None) -> int:
-        """Train on random batches of images[indices] until the deadline (checked before each step)."""
+    def train_until(self, make_batch, labels: np.ndarray, pool: np.ndarray, deadline: float,
+                    max_steps: int | None = None) -> int:
+        """Train on random batches drawn from `pool` (positions) until the deadline (checked before each step).
+
+        `make_batch(positions)` returns the model's input for those positions, augmented if wanted.
+        """
         self.model.train()
         for module in self.frozen:
             module.eval()
         done = 0
-        pool = np.arange(len(images)) if indices is None else np.asarray(indices)
+        pool = np.asarray(pool)
         n = len(pool)
         batch = min(self.batch_size, n)
-        while True:
+        while n > 0:
             step_time = self.seconds_per_step or 0.0
             if time.monotonic() + step_time > deadline:
                 break
@@ -171,8 +178,7 @@ class FineTuner:
                 break
             started = time.monotonic()
             idx = np.sort(pool[self._rng.choice(n, size=batch, replace=False)])
-            x = self.preprocess(images[idx], size)
-            x = random_augment(x, flip=self.flip, max_shift=self.max_shift)
+            x = make_batch(idx)
             y = torch.as_tensor(labels[idx], dtype=torch.float32, device=self.device)
             self._set_lr()
             with autocast_for(self.device):
@@ -189,6 +195,13 @@ class FineTuner:
             self.seconds_per_step = elapsed if self.seconds_per_step is None else \
                 0.8 * self.seconds_per_step + 0.2 * elapsed
         return done
+
+    def image_batches(self, images: np.ndarray, size):
+        """make_batch for raw uint8 images: preprocessing plus flips/shifts."""
+        def make_batch(idx):
+            x = self.preprocess(images[idx], size)
+            return random_augment(x, flip=self.flip, max_shift=self.max_shift)
+        return make_batch
 
     @torch.no_grad()
     def _update_ema(self):
@@ -210,6 +223,22 @@ class FineTuner:
                 return None
             logits = (logits + flipped) / 2
         return probabilities(logits, self.multilabel)
+
+    def predict_batches(self, get_inputs, n: int, batch_size: int = 256,
+                        deadline: float | None = None) -> np.ndarray | None:
+        """Probabilities of the EMA model over inputs get_inputs(positions) for positions 0..n-1."""
+        self.ema.eval()
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                if deadline is not None and time.monotonic() > deadline:
+                    return None
+                x = get_inputs(np.arange(start, min(n, start + batch_size)))
+                with autocast_for(self.device):
+                    outs.append(self.ema(x).float().cpu())
+        if not outs:
+            return np.zeros((0, self.model.head.out_features))
+        return probabilities(torch.cat(outs), self.multilabel)
 
 
 def probabilities(logits: torch.Tensor, multilabel: bool) -> np.ndarray:

@@ -12,6 +12,7 @@ candidate so far):
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from autodl_core.config import PipelineConfig
 from autodl_core.heads import LinearHead, thumbnails
@@ -27,6 +29,7 @@ from autodl_core.learner import Classifier, FineTuner, RateMeter, batched_forwar
 from autodl_core.metrics import nauc
 from autodl_core.profile import DataProfile, choose_storage_shape
 from autodl_core import tfreader
+from autodl_core.trunk import ActivationCache, split_backbone, top_features
 
 log = logging.getLogger("autodl_core.solver")
 
@@ -113,6 +116,11 @@ class Solver:
                 rate = 64 / max(1e-6, time.monotonic() - started)
             self.timings.history.append((res, rate))
         self.rate = RateMeter(rate * res * res)
+        self.strategy = self.config.strategy
+        if self.strategy == "auto":
+            self.strategy = "finetune" if self.device.type == "cuda" else "finetune_top"
+        self.trunk, self.top = split_backbone(self.backbone, self.config.trunk_blocks)
+        self.train_cache = self.test_cache = None
         log.info("backbone %s ready on %s; warm-up throughput %s", self.config.backbone, self.device,
                  self.timings.history)
 
@@ -288,10 +296,14 @@ class Solver:
         n_target = min(len(self.train_x), cfg.probe_max_examples)
         n_target = min(n_target, have_features + max(64, int(rate * max(1.0, slice_deadline - time.monotonic()))))
         if n_target > have_features:
-            new = batched_forward(self.backbone, self.preprocess, self.train_x[have_features:n_target], size,
-                                  batch_size=128, deadline=max(slice_deadline, time.monotonic() + 1.0),
-                                  partial=True, rate_meter=self.rate)
-            if new is not None and len(new):
+            self._ensure_caches(size)
+            started = time.monotonic()
+            done = self.train_cache.ensure(self.train_x, np.arange(have_features, n_target),
+                                           deadline=max(slice_deadline, time.monotonic() + 1.0))
+            if done:
+                new = top_features(self.top, self.train_cache, np.arange(have_features, have_features + done),
+                                   self.device)
+                self.rate.update(done * size[0] * size[1], time.monotonic() - started)
                 self.train_features = new if self.train_features is None else torch.cat([self.train_features, new])
         if self.train_features is None:
             return
@@ -312,7 +324,7 @@ class Solver:
         reading_done = self.train_reader.exhausted or len(self.train_x) >= self.profile.max_cached_examples
         if n_feat >= min(cfg.probe_max_examples, len(self.train_x)) and (
                 reading_done or n_feat >= cfg.probe_max_examples):
-            self.stage = "finetune" if cfg.strategy == "finetune" else "done"
+            self.stage = "finetune" if self.strategy in ("finetune", "finetune_top") else "done"
             if self.stage == "done":
                 self.done_training = True
 
@@ -327,14 +339,25 @@ class Solver:
         n_test = len(self.test_x) if self.test_x is not None else 0
         return n_test / max(1.0, self._feature_rate(size))
 
+    def _ensure_caches(self, size):
+        if self.train_cache is None or self.train_cache.size != tuple(size):
+            self.train_cache = ActivationCache(self.trunk, self.preprocess, size)
+            self.test_cache = ActivationCache(self.trunk, self.preprocess, size)
+            self.train_features = None
+            self.test_features = None
+
     def _predict_probe(self, deadline: float):
         size = self.probe_size
-        if self.test_features is None or getattr(self, "_test_features_size", None) != size:
-            feats = batched_forward(self.backbone, self.preprocess, self.test_x, size, batch_size=128,
-                                    deadline=deadline, rate_meter=self.rate)
-            if feats is None:
-                return None
-            self.test_features, self._test_features_size = feats, size
+        if self.test_features is None:
+            self._ensure_caches(size)
+            n_test = len(self.test_x)
+            started = time.monotonic()
+            done = self.test_cache.ensure(self.test_x, np.arange(n_test), deadline=deadline)
+            if n_test and not self.test_cache.has.all():
+                log.info("test activations: %d of %d before the deadline", done, n_test)
+                return None  # what was computed stays cached for the next call
+            self.test_features = top_features(self.top, self.test_cache, np.arange(n_test), self.device)
+            self.rate.update(done * size[0] * size[1], time.monotonic() - started)
         probs = self.probe_head.predict_proba(self.test_features)
         val_probs = None
         val = self.is_val[:len(self.train_features)]
@@ -361,23 +384,33 @@ class Solver:
                 break
             if time.monotonic() > deadline - 10:
                 return False
-        model = Classifier(self.backbone_copy(), self.n_features, self.train_y.shape[1])
+        top_mode = self.strategy == "finetune_top"
+        body = copy.deepcopy(self.top) if top_mode else self.backbone_copy()
+        model = Classifier(body, self.n_features, self.train_y.shape[1])
+        if top_mode and cfg.top_dropout > 0:
+            model.head = nn.Sequential(nn.Dropout(cfg.top_dropout), model.head)
         if self.probe_head is not None and self.probe_head.multilabel == self.profile.multilabel \
                 and self.probe_head.weight.shape[1] == self.train_y.shape[1]:
             weight, bias = self.probe_head.as_linear()
+            linear = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
             with torch.no_grad():
-                model.head.weight.copy_(weight)
-                model.head.bias.copy_(bias)
-        self.ft_size = working_size(self.profile.storage_hw, self.profile.finetune_resolution(
-            self.device.type, cfg.finetune_resolution))
-        self.tuner = FineTuner(model, self.preprocess, self.profile.multilabel, lr=cfg.lr,
+                linear.weight.copy_(weight)
+                linear.bias.copy_(bias)
+        if top_mode:
+            self.ft_size = self.probe_size
+        else:
+            self.ft_size = working_size(self.profile.storage_hw, self.profile.finetune_resolution(
+                self.device.type, cfg.finetune_resolution))
+        self.tuner = FineTuner(model, self.preprocess, self.profile.multilabel, lr=cfg.top_lr if top_mode else cfg.lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                               freeze_fraction=cfg.freeze_fraction, ema_decay=cfg.ema_decay,
+                               freeze_fraction=0.0 if top_mode else cfg.freeze_fraction, ema_decay=cfg.ema_decay,
                                label_smoothing=cfg.label_smoothing,
                                flip=cfg.augment_flip and self.profile.flip_ok, max_shift=cfg.augment_shift,
-                               total_steps_hint=1000)
+                               total_steps_hint=1000, freeze_bn=top_mode)
         self.fit_idx = np.flatnonzero(~self.is_val)
         self.val_idx = np.flatnonzero(self.is_val)
+        if top_mode:
+            self.train_cache.ensure(self.train_x, self.val_idx)
         self._rescore_candidates_on_full_val()
         self._plan_total_steps(deadline)
         return True
@@ -398,21 +431,51 @@ class Solver:
                 have = 0 if cand.val_probs is None else len(cand.val_probs)
                 missing = self.val_idx[have:]
                 if len(missing):
-                    feats = batched_forward(self.backbone, self.preprocess, self.train_x[missing],
-                                            self.probe_size, 128, rate_meter=self.rate)
+                    self.train_cache.ensure(self.train_x, missing)
+                    feats = top_features(self.top, self.train_cache, missing, self.device)
                     extra = self.probe_head.predict_proba(feats)
                     cand.val_probs = extra if cand.val_probs is None else np.concatenate([cand.val_probs, extra])
         _, self.best_val_score = self._choose()
 
     def _plan_total_steps(self, deadline: float):
         """Cosine schedule length: the steps that fit in the time left (estimated from a measured step)."""
-        self.tuner.train_until(self.train_x, self.train_y, self.ft_size, deadline=time.monotonic() + 60,
-                               max_steps=2, indices=self.fit_idx)
+        self.tuner.train_until(self._make_batch(), self.train_y, self._fit_pool(), deadline=time.monotonic() + 60,
+                               max_steps=2)
         per_step = self.tuner.seconds_per_step or 1.0
         left = max(0.0, deadline - time.monotonic())
         self.tuner.total_steps_hint = max(50, int(0.8 * left / per_step))
         log.info("fine-tuning at %s: %.3fs/step, planning %d steps", self.ft_size, per_step,
                  self.tuner.total_steps_hint)
+
+    def _make_batch(self):
+        if self.strategy == "finetune_top":
+            return lambda idx: self.train_cache.get(idx, self.device)
+        return self.tuner.image_batches(self.train_x, self.ft_size)
+
+    def _fit_pool(self) -> np.ndarray:
+        if self.strategy == "finetune_top":
+            return self.fit_idx[self.train_cache.has[self.fit_idx]]
+        return self.fit_idx
+
+    def _extend_cache(self, seconds: float):
+        """Top mode: spend part of a slice computing trunk activations of training examples not cached yet."""
+        if self.strategy != "finetune_top" or seconds <= 0:
+            return
+        missing = self.fit_idx[~self.train_cache.has[self.fit_idx]]
+        if len(missing):
+            self.train_cache.ensure(self.train_x, missing, deadline=time.monotonic() + seconds)
+
+    def _predict_val(self, deadline: float):
+        if self.strategy == "finetune_top":
+            return self.tuner.predict_batches(lambda p: self.train_cache.get(self.val_idx[p], self.device),
+                                              len(self.val_idx), deadline=deadline)
+        return self.tuner.predict(self.train_x[self.val_idx], self.ft_size, deadline=deadline)
+
+    def _predict_test(self, deadline: float):
+        if self.strategy == "finetune_top":
+            return self.tuner.predict_batches(lambda p: self.test_cache.get(p, self.device),
+                                              len(self.test_x), deadline=deadline)
+        return self.tuner.predict(self.test_x, self.ft_size, deadline=deadline)
 
     def _val_cost(self) -> float:
         estimate = len(self.val_idx) / max(1.0, self._feature_rate(self.ft_size))
@@ -420,7 +483,11 @@ class Solver:
 
     def _ft_test_cost(self, tta: bool = False) -> float:
         n = len(self.test_x) if self.test_x is not None else 0
-        return (2 if tta else 1) * n / max(1.0, self._feature_rate(self.ft_size)) + 0.5
+        measured = getattr(self, "_measured_test_cost", None)
+        if measured is not None:
+            return measured
+        share = 0.4 if self.strategy == "finetune_top" else 1.0
+        return (2 if tta else 1) * share * n / max(1.0, self._feature_rate(self.ft_size)) + 0.5
 
     def _stage_finetune(self, deadline: float):
         if self.tuner is None:
@@ -437,14 +504,14 @@ class Solver:
                 self.pending = self.last_good
                 return
             slice_s = min(self.slice_seconds, time_left)
-            self.tuner.train_until(self.train_x, self.train_y, self.ft_size,
-                                   deadline=time.monotonic() + slice_s, indices=self.fit_idx)
+            self._extend_cache(0.3 * slice_s)
+            self.tuner.train_until(self._make_batch(), self.train_y, self._fit_pool(),
+                                   deadline=time.monotonic() + 0.7 * slice_s)
             self.slice_seconds *= self.config.slice_growth
             if len(self.val_idx) == 0:
                 break  # no validation: trust the schedule and predict after every slice
             val_started = time.monotonic()
-            val_probs = self.tuner.predict(self.train_x[self.val_idx], self.ft_size,
-                                           deadline=deadline - self._ft_test_cost())
+            val_probs = self._predict_val(deadline - self._ft_test_cost())
             self._measured_val_cost = time.monotonic() - val_started
             if val_probs is None:
                 continue
@@ -467,9 +534,11 @@ class Solver:
         return gain > 0.001 + 0.02 * cost_share
 
     def _predict_finetune(self, deadline: float):
-        probs = self.tuner.predict(self.test_x, self.ft_size, deadline=deadline)
+        started = time.monotonic()
+        probs = self._predict_test(deadline)
         if probs is None:
             return None
+        self._measured_test_cost = time.monotonic() - started
         self._add_candidate(Candidate("finetune", probs, getattr(self, "_ft_val_probs", None)))
         return self._best_combination()
 

@@ -89,14 +89,15 @@ def _f(value, fmt=".4f") -> str:
 
 def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K) -> str:
     label = knowledge.label
-    lines = [f"# Leave-one-dataset-out evaluation of the selector",
+    lines = ["# Leave-one-dataset-out evaluation of the selector",
              "",
              f"Stratum: T = {_f(knowledge.time_budget, 'g')} s, hardware {knowledge.hardware or '-'}; "
              f"{len(knowledge.dataset_ids)} datasets ({len(set(knowledge.families))} families), "
              f"{len(knowledge.pipeline_ids)} pipelines; k = {k}. Each row: selector and best fixed pipeline "
              "fitted without the dataset's family.",
              "",
-             "| dataset | selected | ALC | best fixed | ALC | oracle | ALC | default ALC | regret sel. | regret fixed |",
+             "| dataset | selected | ALC | best fixed | ALC | oracle | ALC | default ALC | regret sel. "
+             "| regret fixed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sel = (label(r.selected) if r.selected else "-") + ("" if r.mode in ("neighbours", "none") else " (global)")

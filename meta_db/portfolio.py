@@ -9,32 +9,33 @@ from __future__ import annotations
 
 from autodl_core.config import PipelineConfig
 
-_BASE = PipelineConfig()
-
 PORTFOLIO: dict[str, PipelineConfig] = {
-    # the solver's defaults: MobileNetV2, resolution from the data, LP-FT with 30% of the blocks frozen
-    "default": _BASE,
+    # the solver's defaults: MobileNetV2, resolutions from the data, strategy "auto"
+    # (finetune_top on a CPU: the top blocks tuned on cached trunk activations; finetune on a GPU)
+    "default": PipelineConfig(),
     # frozen features + linear head only: no fine-tuning cost, best when data is tiny or time short
     "mnv2-probe": PipelineConfig(strategy="probe"),
-    # fixed working resolutions: small (glyphs, 8-28 px sources), medium, larger (100+ px photos)
-    "mnv2-ft-r32": PipelineConfig(probe_resolution=32, finetune_resolution=32),
-    "mnv2-ft-r64": PipelineConfig(probe_resolution=64, finetune_resolution=64),
-    "mnv2-ft-r96": PipelineConfig(probe_resolution=96, finetune_resolution=96, batch_size=32),
-    # how much of the backbone moves, and how fast
-    "mnv2-ft-full-lr02": PipelineConfig(freeze_fraction=0.0, lr=0.02),
-    "mnv2-ft-frozen70-lr005": PipelineConfig(freeze_fraction=0.7, lr=0.005),
+    # partial fine-tuning at fixed working resolutions: small (glyphs, 8-28 px sources), larger (100+ px photos)
+    "mnv2-top-r32": PipelineConfig(strategy="finetune_top", probe_resolution=32, finetune_resolution=32),
+    "mnv2-top-r96": PipelineConfig(strategy="finetune_top", probe_resolution=96, finetune_resolution=96,
+                                   batch_size=32),
+    # how much of the network moves: more blocks (slower, more capacity) or fewer (faster), and how fast
+    "mnv2-top-deep": PipelineConfig(strategy="finetune_top", trunk_blocks=3, top_lr=0.005),
+    "mnv2-top-shallow": PipelineConfig(strategy="finetune_top", trunk_blocks=5, top_lr=0.02),
     # schedule: shorter first slice and slower growth -> earlier, more frequent predictions
-    "mnv2-ft-quick": PipelineConfig(first_slice_seconds=4.0, slice_growth=1.4, batch_size=32),
-    # no augmentation (glyph-like data where shifts/flips hurt)
-    "mnv2-ft-noaug": PipelineConfig(augment_flip=False, augment_shift=0.0, label_smoothing=0.0),
-    # EfficientNet-Lite0: slower on CPU, often better features
-    "lite0-ft": PipelineConfig(backbone="efficientnet_lite0"),
+    "mnv2-top-quick": PipelineConfig(strategy="finetune_top", first_slice_seconds=4.0, slice_growth=1.4),
+    # full fine-tuning on images with augmentation (the GPU default; on a CPU only for small sets)
+    "mnv2-finetune": PipelineConfig(strategy="finetune"),
+    "mnv2-finetune-full-noaug": PipelineConfig(strategy="finetune", freeze_fraction=0.0, lr=0.02,
+                                               augment_flip=False, augment_shift=0.0),
+    # EfficientNet-Lite0: slower on a CPU, often better features
+    "lite0-top": PipelineConfig(backbone="efficientnet_lite0", strategy="finetune_top"),
     "lite0-probe-r64": PipelineConfig(backbone="efficientnet_lite0", strategy="probe", probe_resolution=64),
-    "lite0-ft-r96-lr005": PipelineConfig(backbone="efficientnet_lite0", probe_resolution=96,
+    "lite0-finetune-r96": PipelineConfig(backbone="efficientnet_lite0", strategy="finetune", probe_resolution=96,
                                          finetune_resolution=96, lr=0.005, batch_size=32),
 }
 
-STRATEGIES = ("probe", "finetune")
+STRATEGIES = ("probe", "finetune_top", "finetune", "auto")
 
 
 def portfolio_ids() -> dict[str, str]:
@@ -49,7 +50,8 @@ def name_of(pipeline_id: str) -> str | None:
     return None
 
 
-def resolve_pipelines(specs: list[str], known: dict[str, PipelineConfig] | None = None) -> list[tuple[str, PipelineConfig]]:
+def resolve_pipelines(specs: list[str],
+                      known: dict[str, PipelineConfig] | None = None) -> list[tuple[str, PipelineConfig]]:
     """'portfolio' -> every member; otherwise each spec is a portfolio name or a pipeline id.
 
     `known` adds {pipeline_id: config} pairs (e.g. from the store) for ids outside the portfolio.

@@ -12,6 +12,8 @@
   the best mean wins.
 - far from every stored dataset (distance beyond what the store's own datasets show), the
   pipeline best on average over all datasets; no usable store: PipelineConfig() defaults.
+Stored pipelines this code cannot run (unknown fields; when torch is loaded: a backbone not
+registered or without local weights) are left out.
 """
 from __future__ import annotations
 
@@ -283,16 +285,30 @@ _CACHE: dict = {}
 
 
 def _backbone_ok():
-    """Registry check of a pipeline's backbone, when cheap: torch already loaded (model.py loads it first)."""
+    """A pipeline is runnable here when its backbone is registered and its weights are found locally.
+
+    Checked only when cheap, i.e. torch is already loaded (model.py loads it first): importing
+    `pretrained` then costs only what the solver pays right after anyway.
+    """
     if "torch" not in sys.modules:
         return None
     try:
-        from pretrained import list_backbones
+        from pretrained import list_backbones, weights_available
 
         names = set(list_backbones())
     except Exception:
         return None
-    return lambda name: name in names
+    verdicts: dict = {}
+
+    def ok(name: str) -> bool:
+        if name not in verdicts:
+            try:
+                verdicts[name] = name in names and bool(weights_available(name))
+            except Exception:
+                verdicts[name] = False
+        return verdicts[name]
+
+    return ok
 
 
 def _selector_for(path: Path) -> NearestNeighbourSelector:

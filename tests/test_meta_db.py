@@ -14,12 +14,12 @@ from autodl_core.config import PipelineConfig
 from meta_db import selector as sel
 from meta_db.evaluate import best_fixed, evaluate_store, leave_one_dataset_out, markdown_report
 from meta_db.metafeatures import ZERO_SHOT_NAMES, hardware_key, metadata_features, zero_shot_vector
-from meta_db.portfolio import PORTFOLIO, name_of, portfolio_ids, resolve_pipelines
+from meta_db.portfolio import PORTFOLIO, STRATEGIES, name_of, portfolio_ids, resolve_pipelines
 from meta_db.store import (HARNESS_ERROR, SCHEMA_VERSION, DatasetRecord, RunRecord, Store, StoreVersionError,
                            task_key)
 
-A = PORTFOLIO["mnv2-ft-r32"]  # best on small grayscale sets in the synthetic store
-B = PORTFOLIO["lite0-ft-r96-lr005"]  # best on large colour sets
+A = PORTFOLIO["mnv2-top-r32"]  # best on small grayscale sets in the synthetic store
+B = PORTFOLIO["lite0-finetune-r96"]  # best on large colour sets
 C = PORTFOLIO["mnv2-probe"]  # mediocre everywhere, best on the odd family
 DEFAULT = PORTFOLIO["default"]
 
@@ -148,7 +148,8 @@ def test_store_round_trip_and_queries(tmp_path):
 def test_zero_shot_vector():
     fixed = zero_shot_vector(metadata_features(FakeMetadata(1000, 10, 28, 28, 1)))
     assert fixed.shape == (len(ZERO_SHOT_NAMES),)
-    assert fixed[0] == pytest.approx(3.0) and fixed[1] == pytest.approx(1.0) and fixed[3] == pytest.approx(math.log2(28))
+    assert fixed[0] == pytest.approx(3.0) and fixed[1] == pytest.approx(1.0)
+    assert fixed[3] == pytest.approx(math.log2(28))
     assert fixed[5] == 0.0 and fixed[6] == 0.0
     variable = zero_shot_vector(metadata_features(FakeMetadata(500, 4, -1, -1, 3)))
     assert variable[6] == 1.0 and variable[5] == 1.0 and np.all(np.isfinite(variable))
@@ -164,7 +165,7 @@ def test_portfolio_is_small_valid_and_resolvable():
     assert 8 <= len(ids) <= 12 and len(set(ids.values())) == len(ids)
     for name, config in PORTFOLIO.items():
         assert PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict()))).pipeline_id() == ids[name]
-        assert config.strategy in ("probe", "finetune")
+        assert config.strategy in STRATEGIES
         assert config.backbone in ("mobilenetv2_100", "efficientnet_lite0")
         assert name_of(ids[name]) == name
     assert len(resolve_pipelines(["portfolio"])) == len(ids)
@@ -308,7 +309,7 @@ def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
     assert sum(r.regret_fixed for r in rows.values()) > sum(r.regret_selected for r in rows.values())
     assert rows["gray0"].default_alc == pytest.approx(0.72)
     text = markdown_report(list(rows.values()), knowledge, k=3)
-    assert "| gray0 | mnv2-ft-r32 | 0.8000 |" in text and "**mean**" in text and "wins" in text
+    assert "| gray0 | mnv2-top-r32 | 0.8000 |" in text and "**mean**" in text and "wins" in text
     _, written = evaluate_store(synthetic_store, k=3, out=tmp_path / "lodo.md")
     assert (tmp_path / "lodo.md").read_text() == written
 

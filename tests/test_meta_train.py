@@ -137,7 +137,8 @@ def test_separate_processes_share_one_storage_then_sync_and_evaluate(tmp_path, d
     procs = []
     for i in range(2):
         cmd = [sys.executable, "-m", "tools", "meta-train", "--datasets", str(datasets), "--time-budget", "30",
-               "--pipelines", "default", "mnv2-probe", "--storage", storage, "--store", str(tmp_path / f"store{i}.sqlite"),
+               "--pipelines", "default", "mnv2-probe", "--storage", storage,
+               "--store", str(tmp_path / f"store{i}.sqlite"),
                "--out", str(tmp_path / f"out{i}"), "--code-dir", str(code_dir), "--runner", "test_meta_train:fake_run",
                "--no-data-features", "--no-throughput"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

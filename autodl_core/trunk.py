@@ -1,0 +1,129 @@
+"""Split a backbone into a frozen trunk and a trainable top, and cache the trunk's activations.
+
+On a CPU, fine-tuning the whole network is too slow to pay off within minutes. The early,
+high-resolution layers are generic and cost most of the compute, so they run once per image
+(their activations cached in fp16 at the working resolution), while the later blocks and the
+head are fine-tuned on the cache: several times more steps, and predictions that only run the
+top. The probe's pooled features are the top's output, so the probe stage fills the cache.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from autodl_core.images import Preprocessor
+from autodl_core.learner import RateMeter, autocast_for
+
+
+class Top(nn.Module):
+    """The backbone's blocks after the split, its last conv and pooling: activations -> pooled features."""
+
+    def __init__(self, blocks: list[nn.Module], conv_head: nn.Module, bn2: nn.Module, global_pool: nn.Module):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_head, self.bn2, self.global_pool = conv_head, bn2, global_pool
+
+    def forward(self, x):
+        return self.global_pool(self.bn2(self.conv_head(self.blocks(x))))
+
+
+class Trunk(nn.Module):
+    def __init__(self, conv_stem: nn.Module, bn1: nn.Module, blocks: list[nn.Module]):
+        super().__init__()
+        self.conv_stem, self.bn1, self.blocks = conv_stem, bn1, nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+def split_backbone(backbone: nn.Module, trunk_blocks: int) -> tuple[Trunk, Top]:
+    """Trunk = stem + blocks[:trunk_blocks]; Top = the rest (shares the backbone's modules, no copy).
+
+    Works for timm's EfficientNet family (MobileNetV2, EfficientNet-Lite): conv_stem, bn1,
+    blocks, conv_head, bn2, global_pool.
+    """
+    for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool"):
+        if not hasattr(backbone, name):
+            raise ValueError(f"backbone {type(backbone).__name__} has no '{name}': cannot split it")
+    blocks = list(backbone.blocks)
+    k = int(np.clip(trunk_blocks, 0, len(blocks)))
+    trunk = Trunk(backbone.conv_stem, backbone.bn1, blocks[:k])
+    top = Top(blocks[k:], backbone.conv_head, backbone.bn2, backbone.global_pool)
+    return trunk, top
+
+
+class ActivationCache:
+    """fp16 trunk activations of the examples of one split, filled on demand, by position."""
+
+    def __init__(self, trunk: Trunk, preprocess: Preprocessor, size, rate: RateMeter | None = None,
+                 batch_size: int = 128):
+        self.trunk, self.preprocess, self.size, self.rate = trunk, preprocess, tuple(size), rate
+        self.batch_size = batch_size
+        self.store: torch.Tensor | None = None
+        self.has = np.zeros(0, bool)
+
+    def _grow(self, n: int, shape):
+        if self.store is None:
+            self.store = torch.empty((n,) + tuple(shape), dtype=torch.float16)
+            self.has = np.zeros(n, bool)
+        elif n > len(self.store):
+            extra = torch.empty((n - len(self.store),) + tuple(self.store.shape[1:]), dtype=torch.float16)
+            self.store = torch.cat([self.store, extra])
+            self.has = np.concatenate([self.has, np.zeros(n - len(self.has), bool)])
+
+    def ensure(self, images: np.ndarray, positions: np.ndarray, deadline: float | None = None) -> int:
+        """Compute missing activations for `positions` (in order) until done or the deadline; returns how many."""
+        positions = np.asarray(positions)
+        if len(self.has) < len(images):
+            if self.store is not None:
+                self._grow(len(images), self.store.shape[1:])
+        missing = positions if self.store is None else positions[~self.has[positions]]
+        done = 0
+        self.trunk.eval()
+        with torch.inference_mode():
+            for start in range(0, len(missing), self.batch_size):
+                if deadline is not None and done > 0 and time.monotonic() > deadline:
+                    break
+                idx = missing[start:start + self.batch_size]
+                started = time.monotonic()
+                x = self.preprocess(images[idx], self.size)
+                with autocast_for(self.preprocess.device):
+                    out = self.trunk(x)
+                out = out.float().cpu().to(torch.float16)
+                self._grow(len(images), out.shape[1:])
+                self.store[torch.from_numpy(idx)] = out
+                self.has[idx] = True
+                done += len(idx)
+                if self.rate is not None:
+                    self.rate.update(len(idx) * self.size[0] * self.size[1], time.monotonic() - started)
+        return done
+
+    def get(self, positions: np.ndarray, device) -> torch.Tensor:
+        positions = np.asarray(positions)
+        if not self.has[positions].all():
+            raise RuntimeError("activations requested before they were computed")
+        x = self.store[torch.from_numpy(positions)].to(device, non_blocking=True).float()
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+    def bytes_per_example(self) -> int:
+        if self.store is None:
+            return 0
+        return int(np.prod(self.store.shape[1:])) * 2
+
+
+def top_features(top: nn.Module, cache: ActivationCache, positions: np.ndarray, device,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Pooled features of the (frozen, eval-mode) top over cached activations."""
+    was_training = top.training
+    top.eval()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(positions), batch_size):
+            x = cache.get(positions[start:start + batch_size], device)
+            with autocast_for(torch.device(device) if not isinstance(device, torch.device) else device):
+                outs.append(top(x).float().cpu())
+    top.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
