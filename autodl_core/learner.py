@@ -109,7 +109,8 @@ class FineTuner:
     def __init__(self, model: Classifier, preprocess: Preprocessor, multilabel: bool, lr: float = 0.01,
                  batch_size: int = 64, weight_decay: float = 5e-5, freeze_fraction: float = 0.3,
                  ema_decay: float = 0.99, label_smoothing: float = 0.1, flip: bool = True, max_shift: float = 0.1,
-                 total_steps_hint: int = 1000, freeze_bn: bool = False):
+                 total_steps_hint: int = 1000, freeze_bn: bool = False, body_lr_factor: float = 1.0,
+                 max_grad_norm: float = 2.0):
         self.device = preprocess.device
         self.model = model.to(self.device)
         if self.device.type != "cpu" or preprocess.channels_last:
@@ -130,7 +131,8 @@ class FineTuner:
         self.optimizer = torch.optim.SGD(
             [{"params": body_params, "lr": lr}, {"params": head_params, "lr": lr}],
             lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-        self.base_lrs = [lr, lr]
+        self.base_lrs = [lr * body_lr_factor, lr]
+        self.max_grad_norm = max_grad_norm
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -186,6 +188,9 @@ class FineTuner:
             loss = self._loss(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            # LP-FT: the probe head's weights can be large, so early gradients into the body are too.
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self._update_ema()

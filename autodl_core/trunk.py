@@ -117,13 +117,11 @@ class ActivationCache:
 def top_features(top: nn.Module, cache: ActivationCache, positions: np.ndarray, device,
                  batch_size: int = 256) -> torch.Tensor:
     """Pooled features of the (frozen, eval-mode) top over cached activations."""
-    was_training = top.training
-    top.eval()
+    top.eval()  # the shared frozen top stays in eval mode (restoring train() would flip its BN layers)
     outs = []
     with torch.inference_mode():
         for start in range(0, len(positions), batch_size):
             x = cache.get(positions[start:start + batch_size], device)
             with autocast_for(torch.device(device) if not isinstance(device, torch.device) else device):
                 outs.append(top(x).float().cpu())
-    top.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
