@@ -133,6 +133,7 @@ class Solver:
         started = time.monotonic()
         deadline = started + float(remaining_time_budget) - SAFETY_SECONDS
         self.calls += 1
+        self._deadline = deadline
         if self.calls == 1:
             self._clock_start = started
         try:
@@ -152,7 +153,8 @@ class Solver:
         try:
             if self.test_x is None:
                 self._read_test(dataset, deadline)
-            if self.pending is None:
+            if self.pending is None and deadline - time.monotonic() > 0.5:
+                self._deadline = deadline
                 self.pending = self._predict_pending(deadline)
             if self.pending is not None:
                 self.last_good = self._sanitize(self.pending)
@@ -263,7 +265,7 @@ class Solver:
         self._thumb_n = n
         self.thumb_head = LinearHead(self.profile.multilabel, l2=1e-2).fit(
             thumbnails(self.train_x[:n][fit]), self.train_y[:n][fit], max_iter=60,
-            deadline=time.monotonic() + 2.0)
+            deadline=min(time.monotonic() + 2.0, self._deadline - 1.0))
         self._pending_fn = self._predict_thumbnails
         self.pending = None
 
@@ -299,7 +301,9 @@ class Solver:
             self._ensure_caches(size)
             started = time.monotonic()
             done = self.train_cache.ensure(self.train_x, np.arange(have_features, n_target),
-                                           deadline=max(slice_deadline, time.monotonic() + 1.0))
+                                           deadline=min(self._deadline - 2.0, max(slice_deadline, time.monotonic() + 1.0)))
+            ready = self.train_cache.has[have_features:n_target]
+            done = int(np.argmin(ready)) if not ready.all() else len(ready)  # cached prefix length
             if done:
                 new = top_features(self.top, self.train_cache, np.arange(have_features, have_features + done),
                                    self.device)
@@ -313,7 +317,8 @@ class Solver:
         if fit_mask.sum() < 2:
             fit_mask[:] = True
         self.probe_head = LinearHead(self.profile.multilabel, l2=self._probe_l2(fit_mask.sum())).fit(
-            self.train_features[torch.from_numpy(fit_mask)], y[fit_mask], max_iter=100, deadline=time.monotonic() + 5.0)
+            self.train_features[torch.from_numpy(fit_mask)], y[fit_mask], max_iter=100,
+            deadline=min(time.monotonic() + 5.0, self._deadline - 1.0 - self._test_feature_cost(size)))
         self.probe_size = size
         self._thumbs_stale = len(self.train_x) > 1.5 * self._thumb_examples()
         if self._thumbs_stale:
@@ -336,8 +341,19 @@ class Solver:
         return float(np.clip(2.0 / max(1, n), 1e-4, 1e-2))
 
     def _test_feature_cost(self, size) -> float:
+        if self.test_features is not None:
+            return 0.5
         n_test = len(self.test_x) if self.test_x is not None else 0
         return n_test / max(1.0, self._feature_rate(size))
+
+    def _probe_val_probs(self):
+        """Probe predictions on every validation example read so far (features computed as needed)."""
+        val = np.flatnonzero(self.is_val)
+        if len(val) == 0:
+            return None
+        self.train_cache.ensure(self.train_x, val)
+        feats = top_features(self.top, self.train_cache, val, self.device)
+        return self.probe_head.predict_proba(feats)
 
     def _ensure_caches(self, size):
         if self.train_cache is None or self.train_cache.size != tuple(size):
@@ -359,11 +375,7 @@ class Solver:
             self.test_features = top_features(self.top, self.test_cache, np.arange(n_test), self.device)
             self.rate.update(done * size[0] * size[1], time.monotonic() - started)
         probs = self.probe_head.predict_proba(self.test_features)
-        val_probs = None
-        val = self.is_val[:len(self.train_features)]
-        if val.sum() > 0:
-            val_probs = self.probe_head.predict_proba(self.train_features[torch.from_numpy(val)])
-        self._add_candidate(Candidate("probe", probs, val_probs))
+        self._add_candidate(Candidate("probe", probs, self._probe_val_probs()))
         if self._thumbs_stale:
             self._thumbs_stale = False
             self._predict_thumbnails(deadline)
@@ -416,8 +428,6 @@ class Solver:
         return True
 
     def backbone_copy(self):
-        import copy
-
         return copy.deepcopy(self.backbone)
 
     def _rescore_candidates_on_full_val(self):
@@ -428,18 +438,13 @@ class Solver:
             if cand.name == "thumbnails":
                 cand.val_probs = self.thumb_head.predict_proba(thumbnails(self.train_x[self.val_idx]))
             elif cand.name == "probe" and self.probe_head is not None:
-                have = 0 if cand.val_probs is None else len(cand.val_probs)
-                missing = self.val_idx[have:]
-                if len(missing):
-                    self.train_cache.ensure(self.train_x, missing)
-                    feats = top_features(self.top, self.train_cache, missing, self.device)
-                    extra = self.probe_head.predict_proba(feats)
-                    cand.val_probs = extra if cand.val_probs is None else np.concatenate([cand.val_probs, extra])
+                cand.val_probs = self._probe_val_probs()
         _, self.best_val_score = self._choose()
 
     def _plan_total_steps(self, deadline: float):
         """Cosine schedule length: the steps that fit in the time left (estimated from a measured step)."""
-        self.tuner.train_until(self._make_batch(), self.train_y, self._fit_pool(), deadline=time.monotonic() + 60,
+        self.tuner.train_until(self._make_batch(), self.train_y, self._fit_pool(),
+                               deadline=min(time.monotonic() + 60, deadline - 5.0),
                                max_steps=2)
         per_step = self.tuner.seconds_per_step or 1.0
         left = max(0.0, deadline - time.monotonic())
