@@ -32,7 +32,7 @@ class PipelineConfig:
     label_smoothing: float = 0.1
     augment_flip: bool = True
     augment_shift: float = 0.1
-    probe_max_examples: int = 10000  # frozen-feature probe uses at most this many training examples
+    probe_max_examples: int = 5000  # frozen-feature probe uses at most this many training examples
     first_chunk_seconds: float = 1.5  # data read before the very first (thumbnail) prediction
     slice_growth: float = 1.6  # each fine-tuning slice is this much longer than the previous one
     first_slice_seconds: float = 8.0
