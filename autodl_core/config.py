@@ -24,7 +24,7 @@ class PipelineConfig:
     trunk_blocks: int = 4
     freeze_fraction: float = 0.3  # share of backbone blocks kept frozen by "finetune"
     lr: float = 0.01
-    top_lr: float = 0.01
+    top_lr: float = 0.002
     top_dropout: float = 0.2
     batch_size: int = 64
     weight_decay: float = 5e-5
@@ -36,6 +36,8 @@ class PipelineConfig:
     first_chunk_seconds: float = 1.5  # data read before the very first (thumbnail) prediction
     slice_growth: float = 1.6  # each fine-tuning slice is this much longer than the previous one
     first_slice_seconds: float = 8.0
+    patience_slices: int = 4  # fine-tuning stops after this many slices without a validation gain
+    max_epochs_without_val: int = 60  # tiny data without a validation split: stop after this many epochs
     val_fraction: float = 0.1
     val_max: int = 800
     flip_tta: bool = True  # allowed (still decided by validation)

@@ -425,6 +425,10 @@ class Solver:
             self.train_cache.ensure(self.train_x, self.val_idx)
         self._rescore_candidates_on_full_val()
         self._plan_total_steps(deadline)
+        # The starting point (probe head on frozen features) is the first "best" fine-tuned state.
+        self._stale_slices = 0
+        if len(self.val_idx):
+            self._track_finetune(self._score(self.train_y[self.val_idx], self._predict_val(None)))
         return True
 
     def backbone_copy(self):
@@ -514,7 +518,11 @@ class Solver:
                                    deadline=time.monotonic() + 0.7 * slice_s)
             self.slice_seconds *= self.config.slice_growth
             if len(self.val_idx) == 0:
-                break  # no validation: trust the schedule and predict after every slice
+                # No validation (tiny data): trust the schedule, predict after every slice, and stop
+                # after a fixed number of epochs.
+                if self.tuner.steps * self.tuner.batch_size >= self.config.max_epochs_without_val * len(self.fit_idx):
+                    self.done_training = True
+                break
             val_started = time.monotonic()
             val_probs = self._predict_val(deadline - self._ft_test_cost())
             self._measured_val_cost = time.monotonic() - val_started
@@ -523,12 +531,33 @@ class Solver:
             score = self._score(self.train_y[self.val_idx], val_probs)
             log.info("fine-tune step %d: val NAUC %.4f (best so far %.4f)", self.tuner.steps, score,
                      self.best_val_score)
+            self._track_finetune(score)
             if self._worth_predicting(score, deadline):
                 self._ft_val_probs, self._ft_val_score = val_probs, score
                 break
+            if self._stale_slices >= self.config.patience_slices:
+                log.info("validation has not improved for %d slices: done", self._stale_slices)
+                self.done_training = True
+                self.pending = self.last_good
+                return
         self.pending_kind = "finetune"
         self.pending = None
         self._pending_fn = self._predict_finetune
+
+    def _track_finetune(self, score: float):
+        """Remember the best fine-tuned weights; on a collapse, go back to them with a smaller learning rate."""
+        best = getattr(self, "_ft_best_score", -np.inf)
+        if score > best + 1e-4:
+            self._ft_best_score = score
+            self._ft_best_state = copy.deepcopy(self.tuner.ema.state_dict())
+            self._stale_slices = 0
+            return
+        self._stale_slices = getattr(self, "_stale_slices", 0) + 1
+        if np.isfinite(best) and score < best - 0.02 and getattr(self, "_ft_best_state", None) is not None:
+            self.tuner.model.load_state_dict(self._ft_best_state)
+            self.tuner.ema.load_state_dict(self._ft_best_state)
+            self.tuner.base_lrs = [lr * 0.3 for lr in self.tuner.base_lrs]
+            log.info("val NAUC fell from %.4f to %.4f: back to the best weights, learning rate x0.3", best, score)
 
     def _worth_predicting(self, score: float, deadline: float) -> bool:
         if not np.isfinite(score):
