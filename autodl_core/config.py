@@ -56,8 +56,11 @@ class PipelineConfig:
         return cls(**data)
 
     def pipeline_id(self) -> str:
-        """Stable id of the configuration (extra excluded), for the meta-knowledge store."""
-        data = self.to_dict()
-        data.pop("extra", None)
+        """Stable id: a hash of the fields that differ from the defaults (extra excluded).
+
+        Adding a new field with a default therefore keeps every stored pipeline's id.
+        """
+        defaults = PipelineConfig().to_dict()
+        data = {k: v for k, v in self.to_dict().items() if k != "extra" and v != defaults[k]}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
