@@ -76,7 +76,6 @@ class Solver:
         self.calls = 0
         self.profile: DataProfile | None = None
         self.train_reader = None
-        self.test_reader = None
         self.train_x = self.train_y = None
         self.test_x = None
         self.n_test = None  # known once the test set is read (or counted after a failure)
@@ -89,9 +88,7 @@ class Solver:
         self.pending: np.ndarray | None = None  # predictions the next test call returns
         self.last_good: np.ndarray | None = None
         self.slice_seconds = self.config.first_slice_seconds
-        self.last_prediction_time = None
         self.best_val_score = -np.inf
-        self.prediction_cost = 0.0
         self._build_backbone()
 
     # ------------------------------------------------------------------ setup (unscored)
@@ -164,22 +161,21 @@ class Solver:
                 self.n_test = self._count_test(dataset)
         self.pending = None
         result = self.last_good if self.last_good is not None else self._prior_predictions()
-        self.last_prediction_time = time.monotonic()
-        self.prediction_cost = max(self.prediction_cost, time.monotonic() - started)
         if deadline - time.monotonic() < 1.0:
             self.done_training = True
         return result
 
     # ------------------------------------------------------------------ data
-    def _open_train(self, dataset):
+    def _open_train(self, dataset, read_train: bool = True):
         peek = tfreader.peek(dataset)
         self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
-        storage_hw = choose_storage_shape(self.profile, self.config.max_resolution, self.config.memory_cap_gb)
-        self.profile.storage_hw = storage_hw
-        offset, scale = tfreader.value_transform(peek.value_min, peek.value_max)
-        self.value_offset, self.value_scale = offset, scale
-        self.train_reader = tfreader.ChunkReader(dataset, storage_hw, offset, scale)
+        self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
+                                                       self.config.memory_cap_gb)
+        self.value_offset, self.value_scale = tfreader.value_transform(peek.value_min, peek.value_max)
         self.preprocess = Preprocessor(self.mean, self.std, pixel_max=255.0, device=self.device)
+        if read_train:
+            self.train_reader = tfreader.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
+                                                     self.value_scale)
         log.info("profile: %s", self.profile)
 
     def _read_more_train(self, deadline: float, max_examples: int | None = None) -> int:
@@ -219,7 +215,7 @@ class Solver:
 
     def _read_test(self, dataset, deadline: float):
         if self.profile is None:  # test before train: cannot happen with the kit, but be safe
-            self._open_train_like(dataset)
+            self._open_train(dataset, read_train=False)
         reader = tfreader.ChunkReader(dataset, self.profile.storage_hw, self.value_offset, self.value_scale)
         xs = []
         while not reader.exhausted:
@@ -229,14 +225,6 @@ class Solver:
             xs.append(chunk[0])
         self.test_x = np.concatenate(xs) if xs else np.zeros((0,) + tuple(self.profile.storage_hw) + (1,), np.uint8)
         log.info("read %d test examples", len(self.test_x))
-
-    def _open_train_like(self, dataset):
-        peek = tfreader.peek(dataset)
-        self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
-        self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
-                                                       self.config.memory_cap_gb)
-        self.value_offset, self.value_scale = tfreader.value_transform(peek.value_min, peek.value_max)
-        self.preprocess = Preprocessor(self.mean, self.std, device=self.device)
 
     # ------------------------------------------------------------------ stages
     def _step(self, deadline: float):
@@ -323,7 +311,6 @@ class Solver:
         self._thumbs_stale = len(self.train_x) > 1.5 * self._thumb_examples()
         if self._thumbs_stale:
             self._fit_thumbnail_head()
-        self.pending_kind = "probe"
         self.pending = None
         self._pending_fn = self._predict_probe
         reading_done = self.train_reader.exhausted or len(self.train_x) >= self.profile.max_cached_examples
@@ -540,7 +527,6 @@ class Solver:
                 self.done_training = True
                 self.pending = self.last_good
                 return
-        self.pending_kind = "finetune"
         self.pending = None
         self._pending_fn = self._predict_finetune
 
