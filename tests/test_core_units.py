@@ -1,0 +1,90 @@
+"""Unit checks of the solver's building blocks: value ranges, storage shapes, heads, trunk/top split."""
+import numpy as np
+import pytest
+import torch
+
+from autodl_core.heads import LinearHead, thumbnails
+from autodl_core.images import Preprocessor, to_three_channels, working_size
+from autodl_core.profile import DataProfile, choose_storage_shape
+from autodl_core.tfreader import value_transform
+
+
+def test_value_transform_keeps_small_integer_ranges_exact():
+    # The kit gives PNG 0..16 data as 0..16/255: stored back as the integers 0..16.
+    offset, scale = value_transform(0.0, 16 / 255)
+    assert (offset, scale) == (0.0, 255.0)
+    assert round((16 / 255 + offset) * scale) == 16
+    # Dense data in 0..255 stays; other ranges are stretched to 0..255.
+    assert value_transform(0.0, 200.0) == (0.0, 1.0)
+    offset, scale = value_transform(-3.0, 5.0)
+    assert (-3.0 + offset) * scale == pytest.approx(0.0) and (5.0 + offset) * scale == pytest.approx(255.0)
+
+
+def _profile(rows, cols, channels=3, median=(0, 0)):
+    return DataProfile(n_train=100, n_classes=2, rows=rows, cols=cols, channels=channels, median_hw=median,
+                       value_min=0.0, value_max=1.0)
+
+
+def test_storage_shape_caps_large_and_variable_images():
+    assert choose_storage_shape(_profile(32, 32), 128, 4.0) == (32, 32)
+    assert choose_storage_shape(_profile(2000, 1000), 128, 4.0) == (128, 64)
+    variable = _profile(-1, -1, median=(160, 75))
+    h, w = choose_storage_shape(variable, 128, 4.0)
+    assert h == 128 and w % 4 == 0 and 56 <= w <= 64
+    tiny_memory = _profile(100, 100)
+    choose_storage_shape(tiny_memory, 128, 0.001)
+    assert tiny_memory.max_cached_examples == 1000  # never below a usable floor
+
+
+def test_working_size_keeps_aspect_and_multiples_of_8():
+    assert working_size((32, 32), 64) == (64, 64)
+    assert working_size((128, 60), 64) == (136, 64)
+
+
+def test_preprocessor_maps_any_channel_count_to_rgb():
+    pre = Preprocessor([0.5] * 3, [0.5] * 3, channels_last=False)
+    for channels in (1, 2, 3, 4):
+        x = np.full((2, 10, 12, channels), 255, np.uint8)
+        out = pre(x, (16, 16))
+        assert out.shape == (2, 3, 16, 16)
+        assert torch.allclose(out, torch.ones_like(out))  # 255 -> 1.0 -> (1 - 0.5) / 0.5
+    assert to_three_channels(torch.zeros(1, 5, 4, 4)).shape[1] == 3
+
+
+def test_linear_head_as_linear_reproduces_its_logits():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 20)).astype(np.float32) * rng.uniform(0.01, 5, size=20).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[(x[:, 0] > 0).astype(int) + (x[:, 1] > 0).astype(int)]
+    head = LinearHead(multilabel=False).fit(x, y, max_iter=60)
+    weight, bias = head.as_linear()
+    linear = torch.nn.Linear(20, 3)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        assert torch.allclose(linear(torch.from_numpy(x)), head.logits(x), atol=1e-3)
+    assert (head.predict_proba(x).argmax(1) == y.argmax(1)).mean() > 0.75  # not linearly separable
+
+
+def test_multilabel_head_and_thumbnails():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (60, 30, 20, 3), dtype=np.uint8)
+    y = (rng.random((60, 4)) < 0.5).astype(np.float32)
+    images[y[:, 0] == 1] //= 4  # label 0 readable from brightness
+    feats = thumbnails(images, side=6)
+    assert feats.shape == (60, 6 * 6 * 3)
+    probs = LinearHead(multilabel=True).fit(feats, y).predict_proba(feats)
+    assert probs.shape == (60, 4) and np.all((probs >= 0) & (probs <= 1))
+    assert probs[y[:, 0] == 1, 0].mean() > probs[y[:, 0] == 0, 0].mean()
+
+
+def test_trunk_and_top_compose_to_the_backbone():
+    timm = pytest.importorskip("timm")
+    from autodl_core.trunk import split_backbone
+
+    backbone = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=0).eval()
+    trunk, top = split_backbone(backbone, 4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(top(trunk(x)), backbone(x), atol=1e-5)
+    with pytest.raises(ValueError, match="cannot split"):
+        split_backbone(torch.nn.Linear(2, 2), 2)
