@@ -14,8 +14,9 @@ import pytest
 from tools.autodl_format import (AutoDLDataset, AutoDLMetadata, find_task, parse_metadata, parse_metadata_text,
                                  read_solution)
 from tools.errors import UserInputError
+from tools.shared_paths import kit_samples_dir
 
-SAMPLES = Path("/work/shared/datasets/autodl_samples")
+SAMPLES = kit_samples_dir()
 REPO = Path(__file__).resolve().parents[1]
 
 MINICIAO_META = """\

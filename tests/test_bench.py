@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tools import bench
+from tools.shared_paths import default_kit_run
 from tools.errors import UserInputError
 try:  # helpers shared with the runner tests (toy model.py, tiny dataset)
     from test_runner import make_tiny_dataset, write_code
@@ -90,7 +91,7 @@ def test_bad_bench_inputs(tmp_path):
 
 
 KIT_GIT = os.environ.get("AUTODL_KIT_GIT")
-KIT_RUN = os.environ.get("AUTODL_KIT_RUN", bench.DEFAULT_KIT_RUN)
+KIT_RUN = default_kit_run()
 
 
 @pytest.mark.skipif(bench.kit_available(KIT_RUN, KIT_GIT) is not None, reason="starting kit / kit_run not available")

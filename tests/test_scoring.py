@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from tools import scoring
+from tools.shared_paths import default_kit_run
 from tools.errors import UserInputError
 
 KIT_GIT = os.environ.get("AUTODL_KIT_GIT")
-KIT_RUN = Path(os.environ.get("AUTODL_KIT_RUN", "/work/shared/tools/kit_run"))
+KIT_RUN = Path(default_kit_run())
 needs_kit = pytest.mark.skipif(
     not KIT_GIT or not Path(KIT_GIT).exists() or not KIT_RUN.is_file(),
     reason="starting kit not available (set AUTODL_KIT_GIT; kit_run at AUTODL_KIT_RUN)",

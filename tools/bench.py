@@ -29,9 +29,9 @@ from pathlib import Path
 import psutil
 
 from tools.errors import UserInputError
+from tools.shared_paths import default_kit_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_KIT_RUN = "/work/shared/tools/kit_run"
 KIT_BASELINE_DIR = "AutoDL_simple_baseline_models"
 RESULTS_FILE = "results.jsonl"
 
@@ -335,8 +335,8 @@ def register(subparsers) -> None:
     parser.add_argument("--judge", choices=("kit", "local"), default="kit",
                         help="kit (default; the official judge, via kit_run) or local (tools run)")
     parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
-    parser.add_argument("--kit-run", default=os.environ.get("AUTODL_KIT_RUN", DEFAULT_KIT_RUN),
-                        help=f"path of kit_run (default $AUTODL_KIT_RUN or {DEFAULT_KIT_RUN})")
+    parser.add_argument("--kit-run", default=default_kit_run(),
+                        help="path of kit_run (default $AUTODL_KIT_RUN, else ../shared/tools/kit_run beside the repo)")
     parser.add_argument("--kit", default=os.environ.get("AUTODL_KIT_GIT"),
                         help="starting-kit git dir (default $AUTODL_KIT_GIT)")
     parser.add_argument("--ours-dir", default=str(REPO_ROOT), help="folder of `ours` model.py (default: repo root)")

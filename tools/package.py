@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.errors import UserInputError
+from tools.shared_paths import default_kit_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("autodl_core", "meta_db", "pretrained")
@@ -348,7 +349,7 @@ def kit_run_command(code_dir: Path, dataset: str, budget: float, out_dir: Path, 
                     kit_run: str | None = None) -> list[str]:
     """The kit_run command line for one run of ``code_dir`` (graph mode, the challenge's TF semantics)."""
     python = python or os.environ.get("KIT_PYTHON") or sys.executable
-    kit_run = kit_run or os.environ.get("KIT_RUN", "/work/shared/tools/kit_run")
+    kit_run = kit_run or default_kit_run()
     return [python, kit_run, "--code-dir", str(code_dir), "--dataset-dir", dataset, "--time-budget",
             f"{budget:g}", "--out", str(out_dir), "--tf-mode", "graph", "--python", python]
 
