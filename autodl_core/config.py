@@ -40,7 +40,6 @@ class PipelineConfig:
     max_epochs_without_val: int = 60  # tiny data without a validation split: stop after this many epochs
     val_fraction: float = 0.1
     val_max: int = 800
-    flip_tta: bool = True  # allowed (still decided by validation)
     memory_cap_gb: float = 4.0
     extra: dict = field(default_factory=dict, compare=False)
 

@@ -1,4 +1,4 @@
-"""uint8 image arrays -> normalised torch batches at a working resolution (channels, range, size, flips).
+"""uint8 image arrays -> normalised torch batches at a working resolution (channels, range, size).
 
 All conversions happen per batch, so the cache stays uint8 at the storage size and any
 working resolution (progressive resizing) is one interpolate away.
@@ -23,15 +23,13 @@ class Preprocessor:
         self.channels_last = channels_last
         self.dtype = dtype
 
-    def __call__(self, images: np.ndarray, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(self.pixel_max).clamp_(0.0, 1.0)
         x = to_three_channels(x)
         if tuple(x.shape[-2:]) != tuple(size):
             downscale = x.shape[-2] > size[0] or x.shape[-1] > size[1]
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=downscale)
-        if flip:
-            x = torch.flip(x, dims=[3])
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -20,35 +20,22 @@ from autodl_core.images import Preprocessor, random_augment
 
 
 def batched_forward(module: nn.Module, preprocess: Preprocessor, images: np.ndarray, size, batch_size: int,
-                    flip: bool = False, deadline: float | None = None, partial: bool = False,
-                    rate_meter: "RateMeter | None" = None) -> torch.Tensor | None:
-    """Outputs of `module` over uint8 images, in eval mode.
-
-    When the deadline passes first: the outputs of the processed prefix if `partial`, else None.
-    """
+                    deadline: float | None = None) -> torch.Tensor | None:
+    """Outputs of `module` over uint8 images, in eval mode; None when the deadline passes first."""
     was_training = module.training
     module.eval()
     outputs = []
-    started = time.monotonic()
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 if deadline is not None and time.monotonic() > deadline:
-                    if not partial:
-                        return None
-                    break
-                x = preprocess(images[start:start + batch_size], size, flip=flip)
+                    return None
+                x = preprocess(images[start:start + batch_size], size)
                 with autocast_for(preprocess.device):
-                    out = module(x)
-                outputs.append(out.float().cpu())
+                    outputs.append(module(x).float().cpu())
     finally:
         module.train(was_training)
-    if not outputs:
-        return None if not partial else torch.zeros(0)
-    result = torch.cat(outputs)
-    if rate_meter is not None:
-        rate_meter.update(len(result) * size[0] * size[1], time.monotonic() - started)
-    return result
+    return torch.cat(outputs) if outputs else None
 
 
 class RateMeter:
@@ -216,18 +203,10 @@ class FineTuner:
         for ema_b, b in zip(self.ema.buffers(), self.model.buffers()):
             ema_b.copy_(b)
 
-    def predict(self, images: np.ndarray, size, batch_size: int = 128, flip_tta: bool = False,
+    def predict(self, images: np.ndarray, size, batch_size: int = 128,
                 deadline: float | None = None) -> np.ndarray | None:
         logits = batched_forward(self.ema, self.preprocess, images, size, batch_size, deadline=deadline)
-        if logits is None:
-            return None
-        if flip_tta:
-            flipped = batched_forward(self.ema, self.preprocess, images, size, batch_size, flip=True,
-                                      deadline=deadline)
-            if flipped is None:
-                return None
-            logits = (logits + flipped) / 2
-        return probabilities(logits, self.multilabel)
+        return None if logits is None else probabilities(logits, self.multilabel)
 
     def predict_batches(self, get_inputs, n: int, batch_size: int = 256,
                         deadline: float | None = None) -> np.ndarray | None:

@@ -16,7 +16,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch.nn as nn
 from autodl_core.config import PipelineConfig
 from autodl_core.heads import LinearHead, thumbnails
 from autodl_core.images import Preprocessor, working_size
-from autodl_core.learner import Classifier, FineTuner, RateMeter, batched_forward
+from autodl_core.learner import Classifier, FineTuner, RateMeter
 from autodl_core.metrics import nauc
 from autodl_core.profile import DataProfile, choose_storage_shape
 from autodl_core import tfreader
@@ -55,22 +55,14 @@ class Candidate:
     val_probs: np.ndarray | None
 
 
-@dataclass
-class Timings:
-    feature_images_per_s: float = 300.0
-    read_examples_per_s: float = 1500.0
-    history: list = field(default_factory=list)
-
-
 class Solver:
     def __init__(self, metadata, config: PipelineConfig | None = None, device: str | None = None):
         self.config = config or PipelineConfig()
         self.metadata = metadata
         self.n_classes = int(metadata.get_output_size())
-        self.n_train_declared = int(metadata.size())
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        self.timings = Timings()
+        self.warmup_rates: list[tuple[int, float]] = []  # (resolution, images/s) measured in __init__
         self.done_training = False
         self.stage = "thumbnails"
         self.calls = 0
@@ -111,7 +103,7 @@ class Solver:
                 started = time.monotonic()
                 self.backbone(x)
                 rate = 64 / max(1e-6, time.monotonic() - started)
-            self.timings.history.append((res, rate))
+            self.warmup_rates.append((res, rate))
         self.rate = RateMeter(rate * res * res)
         self.strategy = self.config.strategy
         if self.strategy == "auto":
@@ -119,7 +111,7 @@ class Solver:
         self.trunk, self.top = split_backbone(self.backbone, self.config.trunk_blocks)
         self.train_cache = self.test_cache = None
         log.info("backbone %s ready on %s; warm-up throughput %s", self.config.backbone, self.device,
-                 self.timings.history)
+                 self.warmup_rates)
 
     def _feature_rate(self, size) -> float:
         """Images/s of feature extraction at `size`, scaled from the warm-up measurements by pixel count."""
@@ -186,13 +178,10 @@ class Solver:
         if have >= cap:
             return 0
         limit = cap - have if max_examples is None else min(max_examples, cap - have)
-        started = time.monotonic()
         chunk = self.train_reader.read(max_examples=limit, deadline=deadline)
         if chunk is None:
             return 0
         x, y = chunk
-        elapsed = max(1e-3, time.monotonic() - started)
-        self.timings.read_examples_per_s = len(x) / elapsed
         if self.train_x is None:
             self.train_x, self.train_y = x, y
         else:
@@ -258,11 +247,16 @@ class Solver:
         self.pending = None
 
     def _predict_thumbnails(self, deadline: float):
-        test_probs = self.thumb_head.predict_proba(thumbnails(self.test_x))
+        self._register_thumbnails()
+        return self._best_combination()
+
+    def _register_thumbnails(self):
+        if getattr(self, "_test_thumbnails", None) is None:
+            self._test_thumbnails = thumbnails(self.test_x)  # the test set never changes
+        test_probs = self.thumb_head.predict_proba(self._test_thumbnails)
         val = np.flatnonzero(self.is_val)
         val_probs = self.thumb_head.predict_proba(thumbnails(self.train_x[val])) if len(val) else None
         self._add_candidate(Candidate("thumbnails", test_probs, val_probs))
-        return self._best_combination()
 
     def _probe_size(self):
         if self.config.probe_resolution > 0:
@@ -365,7 +359,7 @@ class Solver:
         self._add_candidate(Candidate("probe", probs, self._probe_val_probs()))
         if self._thumbs_stale:
             self._thumbs_stale = False
-            self._predict_thumbnails(deadline)
+            self._register_thumbnails()
         return self._best_combination()
 
     def _score(self, y_true, probs) -> float:
