@@ -29,9 +29,9 @@ from pathlib import Path
 import psutil
 
 from tools.errors import UserInputError
-from tools.shared_paths import default_kit_run
+from tools.provenance import code_version
+from tools.shared_paths import REPO_ROOT, default_kit_run
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 KIT_BASELINE_DIR = "AutoDL_simple_baseline_models"
 RESULTS_FILE = "results.jsonl"
 
@@ -159,17 +159,7 @@ def load_results(path: Path) -> list[dict]:
     return rows
 
 
-def _code_version() -> str | None:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], capture_output=True,
-                               text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
 
 
 def _hardware() -> str:
@@ -200,7 +190,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     # a judge that crashed (no summary) is retried; any other outcome, even a failed run, is a result
     done = {row_key(r) for r in load_results(results_path) if r.get("status") != "judge_failed"}
     kit_problem = kit_available(kit_run, kit_git)
-    version, hardware = _code_version(), _hardware()
+    version, hardware = code_version(REPO_ROOT), _hardware()
 
     for dataset, dataset_dir in tasks:
         for solver in solvers:

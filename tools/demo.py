@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tools.errors import UserInputError
+from tools.shared_paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET_NAME = "digits"
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0

@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import socket
-import subprocess
 import time
 import traceback
 import zlib
@@ -35,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.errors import UserInputError
+from tools.shared_paths import REPO_ROOT
+from tools.provenance import code_version
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("runs/meta-train")
 DEFAULT_STUDY = "meta-train"
 DEFAULT_RUNNER = "tools.runner:run_local"
@@ -445,17 +445,7 @@ def compute_data_features(dataset_dir: Path, landmark_backbone: str | None = Non
     return data_features(images, labels, landmark_backbone=landmark_backbone)
 
 
-def code_version(code_dir: Path) -> str | None:
-    try:
-        rev = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(code_dir), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
 
 
 def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=DEFAULT_OUT,

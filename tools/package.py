@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.errors import UserInputError
-from tools.shared_paths import default_kit_run
+from tools.provenance import git_head
+from tools.shared_paths import REPO_ROOT, default_kit_run
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("autodl_core", "meta_db", "pretrained")
 ENTRY_POINT = "model.py"
 MANIFEST_NAME = "MANIFEST.json"
@@ -192,14 +192,8 @@ def export_weight_file(name: str, dest: Path, *, half: bool = False) -> Path:
 
 def git_commit(root: Path = REPO_ROOT) -> dict:
     """HEAD commit and whether the work tree differs from it, or {} outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {"commit": head, "dirty": bool(dirty)}
+    head = git_head(root)
+    return {} if head is None else {"commit": head[0], "dirty": head[1]}
 
 
 # --------------------------------------------------------------------------- building the zip
