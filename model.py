@@ -35,10 +35,10 @@ class Model:
     """The kit's interface: Model(metadata), train(dataset, remaining_time_budget), test(...), done_training."""
 
     def __init__(self, metadata):
-        from meta_db.selector import select_pipeline
+        from meta_db.selector import choice_log_line, select_pipeline
 
         self.config, self.selection_info = select_pipeline(metadata)
-        logging.getLogger("model").info("pipeline %s (%s)", self.config.pipeline_id(), self.selection_info)
+        logging.getLogger("model").info(choice_log_line(self.config, self.selection_info))
         self.solver = Solver(metadata, self.config)
 
     @property

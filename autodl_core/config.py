@@ -38,6 +38,11 @@ class PipelineConfig:
     first_slice_seconds: float = 8.0
     patience_slices: int = 4  # fine-tuning stops after this many slices without a validation gain
     max_epochs_without_val: int = 60  # tiny data without a validation split: stop after this many epochs
+    # Any-time extras, each applied only when the validation split says it helps or time allows.
+    ensemble_checkpoints: int = 3  # fine-tuned checkpoints kept as ensemble candidates
+    flip_tta: bool = True  # try horizontal-flip test-time augmentation (kept only if validation gains)
+    resolution_growth: float = 1.5  # when fine-tuning plateaus with time left, grow the resolution by this
+    max_resolution_growths: int = 2
     val_fraction: float = 0.1
     val_max: int = 800
     memory_cap_gb: float = 4.0

@@ -7,8 +7,10 @@ candidate so far):
   1. probe: frozen pretrained features and a linear head, refitted as more data is read
      (test features are computed once, so each refit's prediction is nearly free);
   2. finetune: LP-FT of the backbone in growing time slices, EMA weights, validation on a
-     held-out split; a checkpoint is predicted only when validation improves, possibly
-     averaged with the probe and with flip TTA when validation says so.
+     held-out split; a checkpoint is predicted only when it improves the validation score of
+     the ensemble (the best-k average of the last checkpoints, the probe and the thumbnails);
+     flip TTA is switched on when validation says it helps; when validation stops improving
+     and time is left, the resolution grows and fine-tuning goes on from the best weights.
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from autodl_core.config import PipelineConfig
+from autodl_core.ensemble import Candidate, CandidatePool
 from autodl_core.heads import LinearHead, thumbnails
 from autodl_core.images import Preprocessor, working_size
 from autodl_core.learner import Classifier, FineTuner, RateMeter
@@ -34,25 +36,7 @@ from autodl_core.trunk import ActivationCache, split_backbone, top_features
 log = logging.getLogger("autodl_core.solver")
 
 
-def valid_val(y_val: np.ndarray) -> bool:
-    """A validation split is usable when some label column holds both classes."""
-    sums = y_val.sum(axis=0)
-    return bool(np.any((sums > 0) & (sums < len(y_val))))
-
 SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
-
-
-@dataclass
-class Candidate:
-    """A model whose test predictions exist, with its predictions on the validation split.
-
-    Validation examples are chosen by read position, so the split only grows by appending:
-    `val_probs` covers a prefix of it, and candidates are compared on their common prefix.
-    """
-
-    name: str
-    test_probs: np.ndarray
-    val_probs: np.ndarray | None
 
 
 class Solver:
@@ -76,7 +60,7 @@ class Solver:
         self.test_features = None
         self.probe_head: LinearHead | None = None
         self.tuner: FineTuner | None = None
-        self.candidates: list[Candidate] = []
+        self.candidates = CandidatePool(self._score, max_checkpoints=self.config.ensemble_checkpoints)
         self.pending: np.ndarray | None = None  # predictions the next test call returns
         self.last_good: np.ndarray | None = None
         self.slice_seconds = self.config.first_slice_seconds
@@ -394,23 +378,36 @@ class Solver:
         else:
             self.ft_size = working_size(self.profile.storage_hw, self.profile.finetune_resolution(
                 self.device.type, cfg.finetune_resolution))
-        self.tuner = FineTuner(model, self.preprocess, self.profile.multilabel, lr=cfg.top_lr if top_mode else cfg.lr,
+        self.fit_idx = np.flatnonzero(~self.is_val)
+        self.val_idx = np.flatnonzero(self.is_val)
+        self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
+        if top_mode:
+            self.train_cache.ensure(self.train_x, self.val_idx)
+        self._rescore_candidates_on_full_val()
+        self._start_schedule(deadline)
+        return True
+
+    def _new_tuner(self, model: Classifier, lr: float):
+        cfg = self.config
+        top_mode = self.strategy == "finetune_top"
+        self.tuner = FineTuner(model, self.preprocess, self.profile.multilabel, lr=lr,
                                batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                                freeze_fraction=0.0 if top_mode else cfg.freeze_fraction, ema_decay=cfg.ema_decay,
                                label_smoothing=cfg.label_smoothing,
                                flip=cfg.augment_flip and self.profile.flip_ok, max_shift=cfg.augment_shift,
                                total_steps_hint=1000, freeze_bn=top_mode)
-        self.fit_idx = np.flatnonzero(~self.is_val)
-        self.val_idx = np.flatnonzero(self.is_val)
-        if top_mode:
-            self.train_cache.ensure(self.train_x, self.val_idx)
-        self._rescore_candidates_on_full_val()
+        # Flip TTA is decided per resolution, from validation.
+        self.flip_tta = None
+        self.val_flip_cache = self.test_flip_cache = None
+        self._measured_test_cost = self._measured_val_cost = None
+
+    def _start_schedule(self, deadline: float):
+        """Plan the cosine schedule; the starting weights are the first "best" fine-tuned state."""
         self._plan_total_steps(deadline)
-        # The starting point (probe head on frozen features) is the first "best" fine-tuned state.
         self._stale_slices = 0
+        self._ft_best_score, self._ft_best_state = -np.inf, None
         if len(self.val_idx):
             self._track_finetune(self._score(self.train_y[self.val_idx], self._predict_val(None)))
-        return True
 
     def backbone_copy(self):
         return copy.deepcopy(self.backbone)
@@ -424,7 +421,7 @@ class Solver:
                 cand.val_probs = self.thumb_head.predict_proba(thumbnails(self.train_x[self.val_idx]))
             elif cand.name == "probe" and self.probe_head is not None:
                 cand.val_probs = self._probe_val_probs()
-        _, self.best_val_score = self._choose()
+        _, self.best_val_score = self.candidates.select(self._val_labels())
 
     def _plan_total_steps(self, deadline: float):
         """Cosine schedule length: the steps that fit in the time left (estimated from a measured step)."""
@@ -455,29 +452,45 @@ class Solver:
         if len(missing):
             self.train_cache.ensure(self.train_x, missing, deadline=time.monotonic() + seconds)
 
-    def _predict_val(self, deadline: float):
-        if self.strategy == "finetune_top":
-            return self.tuner.predict_batches(lambda p: self.train_cache.get(self.val_idx[p], self.device),
-                                              len(self.val_idx), deadline=deadline)
-        return self.tuner.predict(self.train_x[self.val_idx], self.ft_size, deadline=deadline)
+    def _flip_cache(self, name: str) -> ActivationCache:
+        cache = getattr(self, name)
+        if cache is None:
+            cache = ActivationCache(self.trunk, self.preprocess, self.ft_size, flip=True)
+            setattr(self, name, cache)
+        return cache
 
-    def _predict_test(self, deadline: float):
+    def _predict_val(self, deadline: float | None, flip: bool = False):
         if self.strategy == "finetune_top":
-            return self.tuner.predict_batches(lambda p: self.test_cache.get(p, self.device),
-                                              len(self.test_x), deadline=deadline)
-        return self.tuner.predict(self.test_x, self.ft_size, deadline=deadline)
+            cache = self.train_cache
+            if flip:
+                cache = self._flip_cache("val_flip_cache")
+                cache.ensure(self.train_x, self.val_idx)
+            return self.tuner.predict_batches(lambda p: cache.get(self.val_idx[p], self.device),
+                                              len(self.val_idx), deadline=deadline)
+        images = self.train_x[self.val_idx]
+        return self.tuner.predict(images[:, :, ::-1] if flip else images, self.ft_size, deadline=deadline)
+
+    def _predict_test(self, deadline: float, flip: bool = False):
+        if self.strategy == "finetune_top":
+            cache = self._flip_cache("test_flip_cache") if flip else self.test_cache
+            n_test = len(self.test_x)
+            cache.ensure(self.test_x, np.arange(n_test), deadline=deadline)
+            if n_test and not cache.has[:n_test].all():
+                return None  # what was computed stays cached for the next call
+            return self.tuner.predict_batches(lambda p: cache.get(p, self.device), n_test, deadline=deadline)
+        return self.tuner.predict(self.test_x[:, :, ::-1] if flip else self.test_x, self.ft_size,
+                                  deadline=deadline)
 
     def _val_cost(self) -> float:
         estimate = len(self.val_idx) / max(1.0, self._feature_rate(self.ft_size))
-        return max(estimate, getattr(self, "_measured_val_cost", 0.0))
+        return max(estimate, self._measured_val_cost or 0.0)
 
-    def _ft_test_cost(self, tta: bool = False) -> float:
+    def _ft_test_cost(self) -> float:
+        if self._measured_test_cost is not None:
+            return self._measured_test_cost
         n = len(self.test_x) if self.test_x is not None else 0
-        measured = getattr(self, "_measured_test_cost", None)
-        if measured is not None:
-            return measured
         share = 0.4 if self.strategy == "finetune_top" else 1.0
-        return (2 if tta else 1) * share * n / max(1.0, self._feature_rate(self.ft_size)) + 0.5
+        return (2 if self.flip_tta else 1) * share * n / max(1.0, self._feature_rate(self.ft_size)) + 0.5
 
     def _stage_finetune(self, deadline: float):
         if self.tuner is None:
@@ -503,19 +516,23 @@ class Solver:
                 # after a fixed number of epochs.
                 if self.tuner.steps * self.tuner.batch_size >= self.config.max_epochs_without_val * len(self.fit_idx):
                     self.done_training = True
+                self._ft_val_probs = None
                 break
             val_started = time.monotonic()
-            val_probs = self._predict_val(deadline - self._ft_test_cost())
-            self._measured_val_cost = time.monotonic() - val_started
-            if val_probs is None:
+            plain = self._predict_val(deadline - self._ft_test_cost())
+            if plain is None:
                 continue
-            score = self._score(self.train_y[self.val_idx], val_probs)
-            log.info("fine-tune step %d: val NAUC %.4f (best so far %.4f)", self.tuner.steps, score,
-                     self.best_val_score)
+            score = self._score(self.train_y[self.val_idx], plain)
+            log.info("fine-tune step %d at %s: val NAUC %.4f (ensemble so far %.4f)", self.tuner.steps,
+                     self.ft_size, score, self.best_val_score)
             self._track_finetune(score)
-            if self._worth_predicting(score, deadline):
-                self._ft_val_probs, self._ft_val_score = val_probs, score
+            val_probs = self._with_flip_tta(plain, deadline)
+            self._measured_val_cost = time.monotonic() - val_started
+            if self._worth_predicting(val_probs, deadline):
+                self._ft_val_probs = val_probs
                 break
+            if self._stale_slices >= min(2, self.config.patience_slices) and self._grow_resolution(deadline):
+                continue
             if self._stale_slices >= self.config.patience_slices:
                 log.info("validation has not improved for %d slices: done", self._stale_slices)
                 self.done_training = True
@@ -524,64 +541,132 @@ class Solver:
         self.pending = None
         self._pending_fn = self._predict_finetune
 
+    def _with_flip_tta(self, plain: np.ndarray, deadline: float) -> np.ndarray:
+        """Validation predictions of the checkpoint as it would predict the test set (flip TTA or not)."""
+        if self.flip_tta is None:
+            self.flip_tta = self._decide_flip_tta(plain, deadline)
+        if not self.flip_tta:
+            return plain
+        flipped = self._predict_val(deadline - self._ft_test_cost(), flip=True)
+        return plain if flipped is None else (plain + flipped) / 2
+
+    def _decide_flip_tta(self, plain: np.ndarray, deadline: float) -> bool:
+        """Flip TTA on when it raises the validation score and its test cost fits in the time left."""
+        if not self.config.flip_tta:
+            return False
+        n_test = len(self.test_x) if self.test_x is not None else 0
+        extra_cost = n_test / max(1.0, self._feature_rate(self.ft_size))
+        if extra_cost > 0.15 * max(0.0, deadline - time.monotonic()):
+            log.info("flip TTA: not tried (%.1fs of extra test cost is too much for the time left)", extra_cost)
+            return False
+        flipped = self._predict_val(deadline - self._ft_test_cost(), flip=True)
+        if flipped is None:
+            return False
+        y_val = self.train_y[self.val_idx]
+        plain_score, tta_score = self._score(y_val, plain), self._score(y_val, (plain + flipped) / 2)
+        use = bool(tta_score > plain_score + 5e-4)
+        log.info("flip TTA at %s: val NAUC %.4f -> %.4f: %s", self.ft_size, plain_score, tta_score,
+                 "on" if use else "off")
+        return use
+
+    def _grow_resolution(self, deadline: float) -> bool:
+        """Fine-tuning has converged at this resolution: go on at a larger one from the best weights.
+
+        Only when the new caches (top mode: validation, test and a first share of the training set)
+        cost at most half of the time left and leave at least 30 s of training.
+        """
+        cfg = self.config
+        if getattr(self, "_growths", 0) >= cfg.max_resolution_growths or self._ft_best_state is None \
+                or self._ft_best_score > 0.9995 or getattr(self, "_growth_refused_at", None) == self.ft_size:
+            return False
+        target = int(round(min(self.ft_size) * cfg.resolution_growth))
+        new_size = working_size(self.profile.storage_hw, min(target, cfg.max_resolution))
+        if min(new_size) <= min(self.ft_size):
+            return False
+        rate = max(1.0, self._feature_rate(new_size))
+        top_mode = self.strategy == "finetune_top"
+        n_first = min(len(self.fit_idx), int(rate * 5))
+        cache_cost = (len(self.val_idx) + len(self.test_x) + n_first) / rate if top_mode else 0.0
+        time_left = deadline - time.monotonic() - self._ft_test_cost()
+        if cache_cost > 0.5 * time_left or time_left - cache_cost < 30:
+            log.info("resolution %s -> %s: no time (caches %.0fs, %.0fs left)", self.ft_size, new_size,
+                     cache_cost, time_left)
+            self._growth_refused_at = self.ft_size  # time only shrinks: do not ask again at this size
+            return False
+        log.info("resolution %s -> %s (caches ~%.0fs, %.0fs left)", self.ft_size, new_size, cache_cost, time_left)
+        model = copy.deepcopy(self.tuner.ema)  # the EMA copy has requires_grad off: the new tuner re-freezes
+        model.load_state_dict(self._ft_best_state)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        lr = self.tuner.base_lrs[-1] * 0.5
+        self._growths = getattr(self, "_growths", 0) + 1
+        self.ft_size = new_size
+        if top_mode:
+            self.train_cache = ActivationCache(self.trunk, self.preprocess, new_size)
+            self.test_cache = ActivationCache(self.trunk, self.preprocess, new_size)
+            self.train_cache.ensure(self.train_x, self.val_idx)
+            self.test_cache.ensure(self.test_x, np.arange(len(self.test_x)), deadline=deadline - 30)
+            self.train_cache.ensure(self.train_x, self.fit_idx[:max(n_first, self.config.batch_size)],
+                                    deadline=deadline - 30)
+        self._new_tuner(model, lr)
+        self.slice_seconds = max(self.config.first_slice_seconds, 0.1 * time_left)
+        self._start_schedule(deadline)
+        return True
+
     def _track_finetune(self, score: float):
         """Remember the best fine-tuned weights; on a collapse, go back to them with a smaller learning rate."""
-        best = getattr(self, "_ft_best_score", -np.inf)
+        best = self._ft_best_score
         if score > best + 1e-4:
             self._ft_best_score = score
             self._ft_best_state = copy.deepcopy(self.tuner.ema.state_dict())
             self._stale_slices = 0
             return
-        self._stale_slices = getattr(self, "_stale_slices", 0) + 1
-        if np.isfinite(best) and score < best - 0.02 and getattr(self, "_ft_best_state", None) is not None:
+        self._stale_slices += 1
+        if np.isfinite(best) and score < best - 0.02 and self._ft_best_state is not None:
             self.tuner.model.load_state_dict(self._ft_best_state)
             self.tuner.ema.load_state_dict(self._ft_best_state)
             self.tuner.base_lrs = [lr * 0.3 for lr in self.tuner.base_lrs]
             log.info("val NAUC fell from %.4f to %.4f: back to the best weights, learning rate x0.3", best, score)
 
-    def _worth_predicting(self, score: float, deadline: float) -> bool:
-        if not np.isfinite(score):
+    def _worth_predicting(self, val_probs: np.ndarray, deadline: float) -> bool:
+        """Predict a checkpoint only when adding it raises the ensemble's validation score clearly enough."""
+        tentative = Candidate(self._checkpoint_name(), None, val_probs)
+        group, score = self.candidates.select(self._val_labels(), extra=tentative)
+        if not np.isfinite(score) or tentative not in group:
             return False
         gain = score - self.best_val_score
         # Expensive predictions (large test sets) need a clearer gain.
         cost_share = self._ft_test_cost() / max(1.0, deadline - time.monotonic())
         return gain > 0.001 + 0.02 * cost_share
 
+    def _checkpoint_name(self) -> str:
+        return f"finetune@{self.ft_size[0]}x{self.ft_size[1]}:{self.tuner.steps}" + ("+flip" if self.flip_tta else "")
+
     def _predict_finetune(self, deadline: float):
         started = time.monotonic()
         probs = self._predict_test(deadline)
         if probs is None:
             return None
+        val_probs = getattr(self, "_ft_val_probs", None)
+        if self.flip_tta:
+            flipped = self._predict_test(deadline, flip=True)
+            if flipped is None:
+                return None  # the flipped test activations are being computed; next call goes on
+            probs = (probs + flipped) / 2
         self._measured_test_cost = time.monotonic() - started
-        self._add_candidate(Candidate("finetune", probs, getattr(self, "_ft_val_probs", None)))
+        self._add_candidate(Candidate(self._checkpoint_name(), probs, val_probs))
         return self._best_combination()
 
     def _add_candidate(self, candidate: Candidate):
-        self.candidates = [c for c in self.candidates if c.name != candidate.name] + [candidate]
+        self.candidates.add(candidate)
+
+    def _val_labels(self) -> np.ndarray:
+        return self.train_y[np.flatnonzero(self.is_val)]
 
     def _choose(self) -> tuple[np.ndarray, float]:
-        """Best of the candidates and of their averages on the common validation prefix: (test probs, val score).
-
-        With too little validation data the newest candidate wins (later stages see more data).
-        """
-        latest = self.candidates[-1]
-        scored = [c for c in self.candidates if c.val_probs is not None and len(c.val_probs)]
-        if not scored:
-            return latest.test_probs, -np.inf
-        m = min(len(c.val_probs) for c in scored)
-        y_val = self.train_y[np.flatnonzero(self.is_val)[:m]]
-        if m < 20 or not valid_val(y_val):
-            return latest.test_probs, -np.inf
-        singles = sorted(((c, self._score(y_val, c.val_probs[:m])) for c in scored),
-                         key=lambda item: item[1], reverse=True)
-        options = [([c], score) for c, score in singles]
-        for k in range(2, len(singles) + 1):
-            top = [c for c, _ in singles[:k]]
-            avg = np.mean([c.val_probs[:m] for c in top], axis=0)
-            options.append((top, self._score(y_val, avg)))
-        best_group, best_score = max(options, key=lambda item: item[1])
-        log.info("chose %s (val NAUC %.4f on %d)", "+".join(c.name for c in best_group), best_score, m)
-        return np.mean([c.test_probs for c in best_group], axis=0), best_score
+        """Test probabilities of the best candidate group on validation, and its validation score."""
+        probs, score, _ = self.candidates.predict(self._val_labels())
+        return probs, score
 
     def _best_combination(self) -> np.ndarray:
         probs, score = self._choose()

@@ -56,11 +56,15 @@ def split_backbone(backbone: nn.Module, trunk_blocks: int) -> tuple[Trunk, Top]:
 
 
 class ActivationCache:
-    """fp16 trunk activations of the examples of one split, filled on demand, by position."""
+    """fp16 trunk activations of the examples of one split, filled on demand, by position.
+
+    With flip=True it holds the activations of the horizontally flipped images (flip TTA).
+    """
 
     def __init__(self, trunk: Trunk, preprocess: Preprocessor, size, rate: RateMeter | None = None,
-                 batch_size: int = 128):
+                 batch_size: int = 128, flip: bool = False):
         self.trunk, self.preprocess, self.size, self.rate = trunk, preprocess, tuple(size), rate
+        self.flip = flip
         self.batch_size = batch_size
         self.store: torch.Tensor | None = None
         self.has = np.zeros(0, bool)
@@ -90,6 +94,8 @@ class ActivationCache:
                 idx = missing[start:start + self.batch_size]
                 started = time.monotonic()
                 x = self.preprocess(images[idx], self.size)
+                if self.flip:
+                    x = torch.flip(x, dims=[3])
                 with autocast_for(self.preprocess.device):
                     out = self.trunk(x)
                 out = out.float().cpu().to(torch.float16)

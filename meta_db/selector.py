@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,6 +323,20 @@ def _selector_for(path: Path) -> NearestNeighbourSelector:
 
 def store_path() -> Path:
     return Path(os.environ.get(ENV_STORE) or DEFAULT_STORE_PATH)
+
+
+CHOICE_LOG_RE = re.compile(r"model INFO: pipeline ([0-9a-f]{12}) \((.*)\)\s*$", re.MULTILINE)
+
+
+def choice_log_line(config: PipelineConfig, reason: str) -> str:
+    """What model.py logs about its pipeline; `parse_choice_log` reads it back (bench, meta-train import)."""
+    return f"pipeline {config.pipeline_id()} ({reason})"
+
+
+def parse_choice_log(text: str) -> tuple[str, str] | None:
+    """(pipeline_id, reason) of the first pipeline line model.py logged, or None."""
+    match = CHOICE_LOG_RE.search(text)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def select_pipeline(metadata, store: str | os.PathLike | None = None) -> tuple[PipelineConfig, str]:

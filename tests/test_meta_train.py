@@ -326,3 +326,41 @@ def test_real_meta_train_end_to_end(tmp_path):
     # the store now answers the selector for this dataset's metadata
     config, reason = select_pipeline(AutoDLMetadata(find_task(dataset).train_dir), store=store)
     assert config == PORTFOLIO["mnv2-probe"] and "tiny" in reason
+
+
+def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, monkeypatch):
+    from meta_db.portfolio import PORTFOLIO
+    from meta_db.selector import choice_log_line
+    from tools.bench import pipeline_used
+
+    monkeypatch.setattr("meta_db.metafeatures.hardware_profile", lambda *a, **k: dict(HARDWARE))
+    probe = PORTFOLIO["mnv2-probe"]
+    rows = []
+    for i, (solver, dataset, config, hardware) in enumerate([
+            ("ours", "dsa", probe, "x86_64 2 cpu, 24 GiB"),
+            ("ours", "dsb", PipelineConfig(lr=0.123), "x86_64 2 cpu, 24 GiB"),  # unknown pipeline
+            ("ours", "dsb__c3-r1", probe, "x86_64 16 cpu, 128 GiB"),  # another machine type
+            ("kit:linear", "dsa", None, "x86_64 2 cpu, 24 GiB")]):
+        run_out = tmp_path / "bench" / f"run{i}"
+        run_out.mkdir(parents=True)
+        row = {"solver": solver, "dataset": dataset, "time_budget": 300.0, "judge": "kit", "tf_mode": "graph",
+               "status": "ok", "alc": 0.5 + i / 10, "final_nauc": 0.9, "n_predictions": 2, "timestamps": [1.0, 9.0],
+               "naucs": [0.4, 0.9], "time_to_first_prediction": 1.0, "peak_rss_bytes": 10, "wall_time": 300.0,
+               "dataset_dir": str(datasets / dataset), "code_version": "abc1234", "hardware": hardware}
+        if config is not None:
+            (run_out / "ingestion.log").write_text(
+                "2026-11-29 04:03:12,671 model INFO: " + choice_log_line(config, "forced by X") + "\nmore\n")
+            row.update(pipeline_used(run_out))
+            assert row["pipeline_id"] == config.pipeline_id()
+        rows.append(row)
+    results = tmp_path / "bench" / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store_path = tmp_path / "store.sqlite"
+    assert mt.import_bench(results, store_path, with_data_features=False, log=lambda *_: None) == 1
+    with Store(store_path, readonly=True) as store:
+        runs = store.runs()
+        assert [(r.dataset_id, r.pipeline_id, r.alc, r.study) for r in runs] == \
+            [("dsa", probe.pipeline_id(), 0.5, "bench:kit")]
+        assert runs[0].hardware == "cpu2" and runs[0].code_version == "abc1234"
+    with pytest.raises(UserInputError, match="not found"):
+        mt.import_bench(tmp_path / "nope.jsonl", store_path, with_data_features=False)

@@ -169,3 +169,29 @@ def test_internal_error_degrades_to_right_shape(monkeypatch):
     predictions = solver.test(test_ds, 20)
     assert predictions.shape == (len(x_te), 10)  # class priors, right shape
     assert np.isfinite(predictions).all()
+
+
+def test_resolution_growth_and_flip_tta_keep_valid_predictions():
+    """After fine-tuning: a larger resolution from the best weights, flip TTA, the older checkpoint kept."""
+    x_tr, y_tr, x_te, y_te = digits_task()
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig(patience_slices=100))
+    train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+    start = time.monotonic()
+    while solver.tuner is None and time.monotonic() - start < 60:
+        solver.train(train_ds, 20)  # short budgets: the fine-tuning call ends within ~20 s
+        solver.test(test_ds, 20)
+    assert solver.tuner is not None and solver._ft_best_state is not None, "fine-tuning never started"
+    old_size = solver.ft_size
+    solver._ft_best_score = min(solver._ft_best_score, 0.99)  # digits saturate validation; growth skips that
+    assert solver._grow_resolution(time.monotonic() + 120)
+    assert min(solver.ft_size) > min(old_size) and solver.test_cache.size == solver.ft_size
+    solver.flip_tta = True
+    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60)
+    probs = solver._predict_finetune(time.monotonic() + 60)
+    assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
+    names = [c.name for c in solver.candidates]
+    assert any(n.endswith("+flip") and f"{solver.ft_size[0]}x" in n for n in names), names
+    assert nauc(y_te, probs) > 0.9
+    flipped = solver.test_flip_cache.get(np.arange(3), "cpu")
+    plain = solver.test_cache.get(np.arange(3), "cpu")
+    assert not torch.allclose(flipped, plain)

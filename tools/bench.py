@@ -162,6 +162,18 @@ def load_results(path: Path) -> list[dict]:
 
 
 
+def pipeline_used(run_out: Path) -> dict:
+    """The pipeline our model.py logged in the run's ingestion log: {pipeline_id, pipeline_reason} or {}."""
+    from meta_db.selector import parse_choice_log
+
+    log_path = Path(run_out) / "ingestion.log"
+    try:
+        found = parse_choice_log(log_path.read_text(errors="replace"))
+    except OSError:
+        return {}
+    return {"pipeline_id": found[0], "pipeline_reason": found[1]} if found else {}
+
+
 def _hardware() -> str:
     return (f"{platform.machine()} {psutil.cpu_count(logical=True)} cpu, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
@@ -211,7 +223,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
             else:
                 result = run_local_judge(solver.code_dir, dataset_dir, time_budget, run_out, tf_mode)
             row = {"solver": solver.name, "dataset": dataset, "time_budget": float(time_budget), "judge": row_judge,
-                   "tf_mode": tf_mode, **result, "dataset_dir": str(dataset_dir), "out_dir": str(run_out),
+                   "tf_mode": tf_mode, **result, **({} if solver.is_kit else pipeline_used(run_out)), "dataset_dir": str(dataset_dir), "out_dir": str(run_out),
                    "code_version": version, "hardware": hardware,
                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             with open(results_path, "a") as f:

@@ -25,6 +25,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import socket
 import time
 import traceback
@@ -524,6 +525,79 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
     return {"enqueue": counts, "status": status, "ran_here": ran, "merged": merged}
 
 
+def import_bench(results_path, store_path, with_data_features: bool = True, landmark_backbone: str | None = None,
+                 log=print) -> int:
+    """Store the runs of `tools bench` (OUT/results.jsonl): our solver's rows whose logged pipeline is known.
+
+    A bench row is the same measurement as a meta-training run (one solver, one dataset, one budget,
+    scored by the same ALC), so the bench's runs of the solver need not be run again. Rows are taken
+    only when the ingestion log named the pipeline (bench records it) and that pipeline is in the
+    portfolio or the store, and only on the machine type the bench ran on (same CPU count / device).
+    """
+    from autodl_core.config import PipelineConfig
+    from meta_db.metafeatures import hardware_profile
+    from meta_db.portfolio import PORTFOLIO
+    from meta_db.store import RunRecord, Store
+    from tools.bench import load_results, row_key
+
+    results_path = Path(results_path)
+    if not results_path.is_file():
+        raise UserInputError(f"bench results not found: {results_path}")
+    hardware = hardware_profile()
+    latest = {}
+    for row in load_results(results_path):
+        latest[row_key(row)] = row
+    imported = 0
+    features: dict = {}
+    with Store(store_path) as store:
+        known = {config.pipeline_id(): (name, config) for name, config in PORTFOLIO.items()}
+        for pipeline_id, name, config in store.pipelines():
+            try:
+                known.setdefault(pipeline_id, (name, PipelineConfig.from_dict(config)))
+            except (TypeError, ValueError):  # a record of newer code: not importable here
+                continue
+        for row in latest.values():
+            what = f"{row['solver']} on {row['dataset']}"
+            if row["solver"].startswith("kit:") or row.get("status") == "judge_failed":
+                continue
+            pipeline_id = row.get("pipeline_id")
+            if pipeline_id not in known:
+                log(f"[import] skip {what}: pipeline {pipeline_id or '(not logged)'} unknown")
+                continue
+            cpus = re.search(r"(\d+) cpu", row.get("hardware") or "")
+            if hardware["kind"] != "cpu" or not cpus or int(cpus.group(1)) != hardware["cpu_count"]:
+                log(f"[import] skip {what}: measured on {row.get('hardware')!r}, this machine is {hardware['key']}")
+                continue
+            dataset_dir = Path(row["dataset_dir"])
+            if not dataset_dir.is_dir():
+                log(f"[import] skip {what}: dataset folder {dataset_dir} is gone")
+                continue
+            record = dataset_record(dataset_dir)
+            stored = store.get_dataset(record.dataset_id)
+            if stored is not None and stored.data_features:
+                record.data_features = stored.data_features
+            elif with_data_features:
+                if record.dataset_id not in features:
+                    log(f"[import] data meta-features of {record.dataset_id} ...")
+                    features[record.dataset_id] = compute_data_features(dataset_dir, landmark_backbone)
+                record.data_features = features[record.dataset_id]
+            store.upsert_dataset(record)
+            name, config = known[pipeline_id]
+            store.upsert_pipeline(config, name=name)
+            store.record_run(RunRecord(
+                dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
+                hardware=hardware["key"], hardware_info=hardware, status=str(row.get("status")), alc=row.get("alc"),
+                final_nauc=row.get("final_nauc"), n_predictions=row.get("n_predictions"),
+                timestamps=list(row.get("timestamps") or []), scores=list(row.get("naucs") or []),
+                time_to_first_prediction=row.get("time_to_first_prediction"),
+                peak_rss_bytes=row.get("peak_rss_bytes"), wall_time=row.get("wall_time"), error=row.get("error"),
+                tf_mode=row.get("tf_mode", "graph"), code_version=row.get("code_version"),
+                finished_at=row.get("finished_at"), study=f"bench:{row.get('judge')}", worker=row["solver"]))
+            imported += 1
+            log(f"[import] {what}: {name} ALC {row.get('alc'):.4f}")
+    return imported
+
+
 def sync_store(coordinator: Coordinator, store_path) -> int:
     """Copy every finished trial's run (and its dataset and pipeline) into the store; idempotent."""
     from meta_db.store import RunRecord, Store
@@ -581,6 +655,11 @@ def _cli(args) -> int:
         made = make_variants(args.make_variants, args.variants_out, args.per_dataset, seed=args.seed)
         print(f"{len(made)} variant dataset(s) under {args.variants_out}")
         return 0
+    if args.import_bench:
+        n = import_bench(args.import_bench, store_path, with_data_features=not args.no_data_features,
+                         landmark_backbone=None if args.no_data_features else args.landmark_backbone)
+        print(f"{n} bench run(s) stored in {store_path}")
+        return 0
     if args.evaluate:
         from meta_db.evaluate import evaluate_store
 
@@ -625,6 +704,8 @@ def register(subparsers) -> None:
     mode.add_argument("--status", action="store_true", help="print the study's task counts")
     mode.add_argument("--make-variants", nargs="+", metavar="SRC",
                       help="derive datasets from corpus folders (data.npz) or AutoDL folders")
+    mode.add_argument("--import-bench", metavar="RESULTS_JSONL",
+                      help="store our solver's runs from a `tools bench` results.jsonl (pipeline read from its logs)")
     mode.add_argument("--list-portfolio", action="store_true", help="print the portfolio's pipeline ids and names")
     parser.add_argument("--datasets", nargs="+", metavar="DIR",
                         help="AutoDL dataset folders, or folders holding several")

@@ -1,0 +1,99 @@
+"""Candidates (models whose test predictions exist) and the validation-driven choice among them.
+
+The solver keeps the thumbnail head, the frozen-feature probe and the last few fine-tuned
+checkpoints (each possibly with flip TTA). What it predicts is the single candidate or the
+average of the best-k candidates that scores highest on the validation split. Validation
+examples are chosen by read position, so the split only grows by appending: a candidate's
+`val_probs` covers a prefix of it, and candidates are compared on their common prefix.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("autodl_core.ensemble")
+
+MIN_VAL_EXAMPLES = 20
+
+
+@dataclass(eq=False)  # compared by identity: the arrays have no single truth value
+class Candidate:
+    name: str
+    test_probs: np.ndarray | None  # None: a tentative candidate, scored on validation only
+    val_probs: np.ndarray | None
+    kind: str = ""  # "thumbnails", "probe" or "finetune"
+
+    def __post_init__(self):
+        if not self.kind:
+            self.kind = self.name.split("@")[0]
+
+
+def valid_val(y_val: np.ndarray) -> bool:
+    """A validation split is usable when some label column holds both classes."""
+    sums = y_val.sum(axis=0)
+    return bool(np.any((sums > 0) & (sums < len(y_val))))
+
+
+class CandidatePool:
+    """At most `max_checkpoints` fine-tuned checkpoints (the newest), one candidate of every other kind."""
+
+    def __init__(self, score: Callable[[np.ndarray, np.ndarray], float], max_checkpoints: int = 3):
+        self.score = score
+        self.max_checkpoints = max(1, int(max_checkpoints))
+        self.items: list[Candidate] = []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def add(self, candidate: Candidate) -> None:
+        if candidate.test_probs is not None:  # float32 halves the memory of 1000-class predictions
+            candidate.test_probs = np.asarray(candidate.test_probs, dtype=np.float32)
+        items = [c for c in self.items if c.name != candidate.name]
+        if candidate.kind != "finetune":
+            items = [c for c in items if c.kind != candidate.kind]
+        items.append(candidate)
+        checkpoints = [c for c in items if c.kind == "finetune"]
+        drop = {id(c) for c in checkpoints[:-self.max_checkpoints]}
+        self.items = [c for c in items if id(c) not in drop]
+
+    def select(self, y_val_full: np.ndarray, extra: Candidate | None = None) -> tuple[list[Candidate], float]:
+        """Best single candidate or best-k average on the common validation prefix: (group, val score).
+
+        With too little validation data the newest candidate wins (later stages see more data).
+        `extra` is scored as if it were in the pool (to ask whether a new checkpoint would help).
+        """
+        pool = self.items + ([extra] if extra is not None else [])
+        if not pool:
+            return [], -np.inf
+        latest = pool[-1]
+        scored = [c for c in pool if c.val_probs is not None and len(c.val_probs)]
+        if not scored:
+            return [latest], -np.inf
+        m = min(len(c.val_probs) for c in scored)
+        y_val = y_val_full[:m]
+        if m < MIN_VAL_EXAMPLES or not valid_val(y_val):
+            return [latest], -np.inf
+        singles = sorted(((c, self.score(y_val, c.val_probs[:m])) for c in scored),
+                         key=lambda item: item[1], reverse=True)
+        options = [([c], s) for c, s in singles]
+        for k in range(2, len(singles) + 1):
+            group = [c for c, _ in singles[:k]]
+            options.append((group, self.score(y_val, np.mean([c.val_probs[:m] for c in group], axis=0))))
+        group, best = max(options, key=lambda item: item[1])
+        return group, best
+
+    def predict(self, y_val_full: np.ndarray) -> tuple[np.ndarray, float, str]:
+        """Test probabilities of the chosen group, its validation score and a readable name."""
+        group, best = self.select(y_val_full)
+        group = [c for c in group if c.test_probs is not None]
+        if not group:
+            raise ValueError("no candidate with test predictions")
+        name = "+".join(c.name for c in group)
+        log.info("chose %s (val NAUC %.4f)", name, best)
+        return np.mean([c.test_probs for c in group], axis=0), best, name
