@@ -65,6 +65,8 @@ class Solver:
         self.last_good: np.ndarray | None = None
         self.slice_seconds = self.config.first_slice_seconds
         self.best_val_score = -np.inf
+        self._growths = 0  # resolution growths so far (progressive resizing)
+        self._growth_refused_at = None  # working size at which a growth was refused for lack of time
         self._build_backbone()
 
     # ------------------------------------------------------------------ setup (unscored)
@@ -531,7 +533,7 @@ class Solver:
             if self._worth_predicting(val_probs, deadline):
                 self._ft_val_probs = val_probs
                 break
-            if self._stale_slices >= min(2, self.config.patience_slices) and self._grow_resolution(deadline):
+            if self._converged() and self._grow_resolution(deadline):
                 continue
             if self._stale_slices >= self.config.patience_slices:
                 log.info("validation has not improved for %d slices: done", self._stale_slices)
@@ -540,6 +542,13 @@ class Solver:
                 return
         self.pending = None
         self._pending_fn = self._predict_finetune
+
+    def _converged(self) -> bool:
+        """Validation has stopped improving at this resolution: after the full patience, or after two
+        stale slices once half of the planned schedule is done (early slices are short and noisy)."""
+        stale, patience = self._stale_slices, self.config.patience_slices
+        half_done = self.tuner.steps >= 0.5 * self.tuner.total_steps_hint
+        return stale >= patience or (stale >= min(2, patience) and half_done)
 
     def _with_flip_tta(self, plain: np.ndarray, deadline: float) -> np.ndarray:
         """Validation predictions of the checkpoint as it would predict the test set (flip TTA or not)."""
@@ -576,8 +585,8 @@ class Solver:
         cost at most half of the time left and leave at least 30 s of training.
         """
         cfg = self.config
-        if getattr(self, "_growths", 0) >= cfg.max_resolution_growths or self._ft_best_state is None \
-                or self._ft_best_score > 0.9995 or getattr(self, "_growth_refused_at", None) == self.ft_size:
+        if self._growths >= cfg.max_resolution_growths or self._ft_best_state is None \
+                or self._ft_best_score > 0.9995 or self._growth_refused_at == self.ft_size:
             return False
         target = int(round(min(self.ft_size) * cfg.resolution_growth))
         new_size = working_size(self.profile.storage_hw, min(target, cfg.max_resolution))
@@ -599,7 +608,7 @@ class Solver:
         for p in model.parameters():
             p.requires_grad_(True)
         lr = self.tuner.base_lrs[-1] * 0.5
-        self._growths = getattr(self, "_growths", 0) + 1
+        self._growths += 1
         self.ft_size = new_size
         if top_mode:
             self.train_cache = ActivationCache(self.trunk, self.preprocess, new_size)

@@ -6,7 +6,7 @@ answer), then asked for the held-out dataset's pipeline from its metadata featur
 Compared with the single best fixed pipeline (best mean ALC on the other families) and the
 oracle (best pipeline measured on the held-out dataset). Regret = oracle ALC - chosen ALC.
 Candidates are limited to the pipelines measured on the held-out dataset, so every choice has
-a known ALC.
+a known ALC; datasets with fewer than two measured pipelines offer no choice and are left out.
 """
 from __future__ import annotations
 
@@ -42,17 +42,28 @@ class LodoRow:
 
 
 def best_fixed(knowledge: Knowledge, candidates: set[str] | None = None) -> str | None:
-    """The pipeline with the best mean ALC over the datasets it was measured on (at least half of them)."""
-    best, best_score = None, -math.inf
+    """The pipeline with the best mean ALC, among those measured on at least half of the datasets.
+
+    Means are taken over the datasets every such pipeline was measured on, so that a pipeline run
+    only on easy datasets does not look better than one also run on hard ones (falls back to each
+    pipeline's own mean when no dataset is common to all).
+    """
     n = len(knowledge.dataset_ids)
+    eligible = []
     for j, pipeline_id in enumerate(knowledge.pipeline_ids):
         if candidates is not None and pipeline_id not in candidates:
             continue
-        column = knowledge.alc[:, j]
-        seen = ~np.isnan(column)
-        if seen.sum() == 0 or seen.sum() < 0.5 * n:
-            continue
-        score = float(column[seen].mean())
+        seen = ~np.isnan(knowledge.alc[:, j])
+        if seen.sum() > 0 and seen.sum() >= 0.5 * n:
+            eligible.append((j, pipeline_id))
+    if not eligible:
+        return None
+    columns = knowledge.alc[:, [j for j, _ in eligible]]
+    common = ~np.isnan(columns).any(axis=1)
+    best, best_score = None, -math.inf
+    for k, (_, pipeline_id) in enumerate(eligible):
+        column = columns[:, k]
+        score = float(column[common].mean() if common.any() else np.nanmean(column))
         if score > best_score + 1e-12:
             best, best_score = pipeline_id, score
     return best
@@ -62,7 +73,7 @@ def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: 
     rows = []
     for i, dataset_id in enumerate(knowledge.dataset_ids):
         measured = ~np.isnan(knowledge.alc[i])
-        if not measured.any():
+        if measured.sum() < 2:  # one measured pipeline: no choice to evaluate
             continue
         alc = {p: float(knowledge.alc[i, j]) for j, p in enumerate(knowledge.pipeline_ids) if measured[j]}
         candidates = set(alc)

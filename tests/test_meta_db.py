@@ -318,3 +318,11 @@ def test_best_fixed_needs_coverage():
     knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
                               {}, np.array([[0.5, 0.99], [0.5, np.nan], [0.5, np.nan]]))
     assert best_fixed(knowledge) == "p"  # q looks better but was measured on one dataset of three
+
+
+def test_best_fixed_compares_pipelines_on_the_same_datasets():
+    # p was also run on a hard dataset (c) that q was not: on the common datasets p is better
+    alc = np.array([[0.9, 0.85], [0.9, 0.85], [0.3, np.nan]])
+    knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
+                              {}, alc)
+    assert best_fixed(knowledge) == "p"

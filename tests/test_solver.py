@@ -195,3 +195,29 @@ def test_resolution_growth_and_flip_tta_keep_valid_predictions():
     flipped = solver.test_flip_cache.get(np.arange(3), "cpu")
     plain = solver.test_cache.get(np.arange(3), "cpu")
     assert not torch.allclose(flipped, plain)
+
+
+def test_full_finetune_path_runs_on_cpu_with_growth_and_flip():
+    """strategy "finetune" (the GPU default: whole network on images, augmentation) works end to end on a CPU."""
+    x_tr, y_tr, x_te, y_te = digits_task()
+    config = PipelineConfig(strategy="finetune", batch_size=32, patience_slices=100, max_resolution_growths=1)
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), config)
+    assert solver.strategy == "finetune"
+    train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+    history, elapsed = run_loop(solver, train_ds, test_ds, 40.0)
+    assert elapsed <= 40.0 and history
+    assert solver.tuner is not None and solver.tuner.steps > 0, "full fine-tuning never ran"
+    assert all(p.shape == (len(x_te), 10) for _, p in history)
+    assert nauc(y_te, history[-1][1]) > 0.9
+    old_size = solver.ft_size
+    # Whatever happened in the short run (a growth, or one refused for lack of time), grow once more now;
+    # digits saturate validation, which growth otherwise skips.
+    solver._growths, solver._growth_refused_at = 0, None
+    solver._ft_best_score = min(solver._ft_best_score, 0.99)
+    assert solver._grow_resolution(time.monotonic() + 120)
+    assert min(solver.ft_size) > min(old_size)
+    solver.flip_tta = True
+    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60)
+    probs = solver._predict_finetune(time.monotonic() + 60)
+    assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
+    assert not solver._grow_resolution(time.monotonic() + 120)  # max_resolution_growths=1

@@ -202,7 +202,9 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     # a judge that crashed (no summary) is retried; any other outcome, even a failed run, is a result
     done = {row_key(r) for r in load_results(results_path) if r.get("status") != "judge_failed"}
     kit_problem = kit_available(kit_run, kit_git)
-    version, hardware = code_version(REPO_ROOT), _hardware()
+    hardware = _hardware()
+    # the code that ran: the solver's own folder (e.g. a snapshot given as --ours-dir), else this checkout
+    versions = {s.name: code_version(s.code_dir if s.code_dir is not None else REPO_ROOT) for s in solvers}
 
     for dataset, dataset_dir in tasks:
         for solver in solvers:
@@ -224,7 +226,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
                 result = run_local_judge(solver.code_dir, dataset_dir, time_budget, run_out, tf_mode)
             row = {"solver": solver.name, "dataset": dataset, "time_budget": float(time_budget), "judge": row_judge,
                    "tf_mode": tf_mode, **result, **({} if solver.is_kit else pipeline_used(run_out)), "dataset_dir": str(dataset_dir), "out_dir": str(run_out),
-                   "code_version": version, "hardware": hardware,
+                   "code_version": versions[solver.name], "hardware": hardware,
                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             with open(results_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
