@@ -116,7 +116,8 @@ def test_two_workers_each_task_once_failures_recorded_and_resumable(tmp_path, da
 
     # rerun: nothing to do (the harness failure is a result too, kept)
     again = mt.meta_train([datasets], PIPELINES, 30, store, workers=1, **kwargs)
-    assert again["enqueue"] == {"queued": 0, "done": 8, "failed_kept": 1, "pending": 0, "stale_requeued": 0}
+    # (the 8 measured tasks are skipped before enqueueing: the store already holds them)
+    assert again["enqueue"] == {"queued": 0, "done": 0, "failed_kept": 1, "pending": 0, "stale_requeued": 0}
     assert len(read_log(log)) == 9
     # --retry-failed reruns exactly the failed task
     retried = mt.meta_train([datasets], PIPELINES, 30, store, workers=1, retry_failed=True, **kwargs)
@@ -126,6 +127,11 @@ def test_two_workers_each_task_once_failures_recorded_and_resumable(tmp_path, da
     extra = ("slow", PipelineConfig(lr=0.001))
     grown = mt.meta_train([datasets], PIPELINES + [extra], 30, store, workers=1, **kwargs)
     assert grown["enqueue"]["queued"] == 3 and len(read_log(log)) == 13
+    # a fresh study (another storage: a new machine, a lost run folder) skips what the store holds;
+    # only the harness failure, which measured nothing, is run again
+    fresh = mt.meta_train([datasets], PIPELINES + [extra], 30, store, workers=1,
+                          storage_url=f"sqlite:///{tmp_path / 'fresh.sqlite'}", **kwargs)
+    assert fresh["enqueue"]["queued"] == 1 and len(read_log(log)) == 14
 
 
 def test_separate_processes_share_one_storage_then_sync_and_evaluate(tmp_path, datasets, code_dir, capsys):

@@ -459,7 +459,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
     import math
 
     from meta_db.metafeatures import hardware_profile
-    from meta_db.store import Store
+    from meta_db.store import HARNESS_ERROR, Store, task_key
 
     if not (time_budget > 0 and math.isfinite(time_budget)):
         raise UserInputError(f"time budget must be a positive number of seconds, got {time_budget}")
@@ -495,6 +495,14 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
                   config=config.to_dict(), time_budget=float(time_budget), seed=int(seed), tf_mode=tf_mode,
                   init_limit=float(init_limit), dataset=record.__dict__.copy())
              for name, config in pipelines for dataset_id, (record, _) in sorted(records.items())]
+    # Runs already in the store (e.g. a shipped store, or one built through another study) are not redone.
+    with Store(store_path) as store:
+        measured = {r.run_key() for r in store.runs() if r.status != HARNESS_ERROR}
+    in_store = [t for t in tasks if task_key(t.dataset_id, t.pipeline_id, t.time_budget, t.seed, t.tf_mode,
+                                             hardware["key"]) in measured]
+    if in_store:
+        log(f"[meta-train] {len(in_store)} task(s) already measured in {store_path}: skipped")
+        tasks = [t for t in tasks if t not in in_store]
     coordinator = Coordinator(storage_url, study_name)
     counts = coordinator.enqueue(tasks, retry_failed=retry_failed)
     log(f"[meta-train] {len(tasks)} tasks: {counts['queued']} queued now, {counts['done']} done, "
