@@ -45,9 +45,6 @@ class CandidatePool:
         self.max_checkpoints = max(1, int(max_checkpoints))
         self.items: list[Candidate] = []
 
-    def __len__(self):
-        return len(self.items)
-
     def __iter__(self):
         return iter(self.items)
 

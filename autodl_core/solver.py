@@ -551,16 +551,30 @@ class Solver:
         return stale >= patience or (stale >= min(2, patience) and half_done)
 
     def _with_flip_tta(self, plain: np.ndarray, deadline: float) -> np.ndarray:
-        """Validation predictions of the checkpoint as it would predict the test set (flip TTA or not)."""
-        if self.flip_tta is None:
-            self.flip_tta = self._decide_flip_tta(plain, deadline)
-        if not self.flip_tta:
+        """Validation predictions of the checkpoint as it would predict the test set (flip TTA or not).
+
+        The first call at a resolution decides: TTA stays on when it raises the validation score and
+        its test cost fits in the time left (the flipped predictions computed for the decision are used).
+        """
+        if self.flip_tta is None and not self._flip_tta_affordable(deadline):
+            self.flip_tta = False
+        if self.flip_tta is False:
             return plain
         flipped = self._predict_val(deadline - self._ft_test_cost(), flip=True)
-        return plain if flipped is None else (plain + flipped) / 2
+        if flipped is None:
+            if self.flip_tta is None:
+                self.flip_tta = False
+            return plain
+        tta = (plain + flipped) / 2
+        if self.flip_tta is None:
+            y_val = self.train_y[self.val_idx]
+            plain_score, tta_score = self._score(y_val, plain), self._score(y_val, tta)
+            self.flip_tta = bool(tta_score > plain_score + 5e-4)
+            log.info("flip TTA at %s: val NAUC %.4f -> %.4f: %s", self.ft_size, plain_score, tta_score,
+                     "on" if self.flip_tta else "off")
+        return tta if self.flip_tta else plain
 
-    def _decide_flip_tta(self, plain: np.ndarray, deadline: float) -> bool:
-        """Flip TTA on when it raises the validation score and its test cost fits in the time left."""
+    def _flip_tta_affordable(self, deadline: float) -> bool:
         if not self.config.flip_tta:
             return False
         n_test = len(self.test_x) if self.test_x is not None else 0
@@ -568,15 +582,7 @@ class Solver:
         if extra_cost > 0.15 * max(0.0, deadline - time.monotonic()):
             log.info("flip TTA: not tried (%.1fs of extra test cost is too much for the time left)", extra_cost)
             return False
-        flipped = self._predict_val(deadline - self._ft_test_cost(), flip=True)
-        if flipped is None:
-            return False
-        y_val = self.train_y[self.val_idx]
-        plain_score, tta_score = self._score(y_val, plain), self._score(y_val, (plain + flipped) / 2)
-        use = bool(tta_score > plain_score + 5e-4)
-        log.info("flip TTA at %s: val NAUC %.4f -> %.4f: %s", self.ft_size, plain_score, tta_score,
-                 "on" if use else "off")
-        return use
+        return True
 
     def _grow_resolution(self, deadline: float) -> bool:
         """Fine-tuning has converged at this resolution: go on at a larger one from the best weights.
@@ -611,8 +617,7 @@ class Solver:
         self._growths += 1
         self.ft_size = new_size
         if top_mode:
-            self.train_cache = ActivationCache(self.trunk, self.preprocess, new_size)
-            self.test_cache = ActivationCache(self.trunk, self.preprocess, new_size)
+            self._ensure_caches(new_size)  # new train/test caches; the probe's features are not needed any more
             self.train_cache.ensure(self.train_x, self.val_idx)
             self.test_cache.ensure(self.test_x, np.arange(len(self.test_x)), deadline=deadline - 30)
             self.train_cache.ensure(self.train_x, self.fit_idx[:max(n_first, self.config.batch_size)],

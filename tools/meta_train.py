@@ -340,16 +340,22 @@ def execute_task(task: Task, cfg: WorkerConfig, run_fn):
         with _env(**{ENV_PIPELINE: pipeline_file, ENV_BUDGET: task.time_budget, "AUTODL_SEED": task.seed}):
             result = run_fn(cfg.code_dir, cfg.dataset_dirs[task.dataset_id], task.time_budget, out,
                             tf_mode=task.tf_mode, init_limit=task.init_limit)
-        run = RunRecord(**common, status=str(result.get("status") or "unknown"), alc=result.get("alc"),
-                        final_nauc=result.get("final_nauc"), n_predictions=result.get("n_predictions"),
-                        timestamps=list(result.get("timestamps") or []), scores=list(result.get("naucs") or []),
-                        time_to_first_prediction=result.get("time_to_first_prediction"),
-                        peak_rss_bytes=result.get("peak_rss_bytes"), init_seconds=result.get("init_seconds"),
-                        wall_time=result.get("wall_time", time.time() - wall0), error=result.get("error"))
-        return run, OUTCOME_OK
+        return run_record({"wall_time": time.time() - wall0, **result}, **common), OUTCOME_OK
     except Exception as exc:  # the harness failed (not the solver): stored with its error
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         return RunRecord(**common, status=HARNESS_ERROR, error=error, wall_time=time.time() - wall0), OUTCOME_HARNESS
+
+
+def run_record(result: dict, **fields):
+    """A judge's result (tools.runner.run_local, or a `tools bench` row: same keys) as a RunRecord."""
+    from meta_db.store import RunRecord
+
+    return RunRecord(**fields, status=str(result.get("status") or "unknown"), alc=result.get("alc"),
+                     final_nauc=result.get("final_nauc"), n_predictions=result.get("n_predictions"),
+                     timestamps=list(result.get("timestamps") or []), scores=list(result.get("naucs") or []),
+                     time_to_first_prediction=result.get("time_to_first_prediction"),
+                     peak_rss_bytes=result.get("peak_rss_bytes"), init_seconds=result.get("init_seconds"),
+                     wall_time=result.get("wall_time"), error=result.get("error"))
 
 
 def _store_task_records(store, task: Task) -> None:
@@ -433,6 +439,16 @@ def dataset_record(dataset_dir: Path, data_features: dict | None = None):
                          data_features=data_features)
 
 
+def add_data_features(record, dataset_dir: Path, store, compute: bool, landmark_backbone: str | None, log=print):
+    """The record's data meta-features: those already in the store, else computed (when `compute`)."""
+    stored = store.get_dataset(record.dataset_id)
+    if stored is not None and stored.data_features:
+        record.data_features = stored.data_features
+    elif compute:
+        log(f"[meta-train] data meta-features of {record.dataset_id} ...")
+        record.data_features = compute_data_features(dataset_dir, landmark_backbone)
+
+
 def compute_data_features(dataset_dir: Path, landmark_backbone: str | None = None) -> dict:
     import torch  # noqa: F401  (torch, then dynamo/triton, before TensorFlow: see the notes on triton)
 
@@ -481,12 +497,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
             if record.dataset_id in records:
                 raise UserInputError(f"two dataset folders hold tasks named {record.dataset_id!r}: "
                                      f"{records[record.dataset_id][1]} and {d}")
-            stored = store.get_dataset(record.dataset_id)
-            if stored is not None and stored.data_features:
-                record.data_features = stored.data_features
-            elif with_data_features:
-                log(f"[meta-train] data meta-features of {record.dataset_id} ...")
-                record.data_features = compute_data_features(d, landmark_backbone)
+            add_data_features(record, d, store, with_data_features, landmark_backbone, log)
             store.upsert_dataset(record)
             records[record.dataset_id] = (record, d)
         for name, config in pipelines:
@@ -542,10 +553,9 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
     only when the ingestion log named the pipeline (bench records it) and that pipeline is in the
     portfolio or the store, and only on the machine type the bench ran on (same CPU count / device).
     """
-    from autodl_core.config import PipelineConfig
     from meta_db.metafeatures import hardware_profile
     from meta_db.portfolio import PORTFOLIO
-    from meta_db.store import RunRecord, Store
+    from meta_db.store import Store
     from tools.bench import load_results, row_key
 
     results_path = Path(results_path)
@@ -556,14 +566,10 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
     for row in load_results(results_path):
         latest[row_key(row)] = row
     imported = 0
-    features: dict = {}
     with Store(store_path) as store:
         known = {config.pipeline_id(): (name, config) for name, config in PORTFOLIO.items()}
-        for pipeline_id, name, config in store.pipelines():
-            try:
-                known.setdefault(pipeline_id, (name, PipelineConfig.from_dict(config)))
-            except (TypeError, ValueError):  # a record of newer code: not importable here
-                continue
+        for pipeline_id, (name, config) in stored_pipelines(store).items():
+            known.setdefault(pipeline_id, (name, config))
         for row in latest.values():
             what = f"{row['solver']} on {row['dataset']}"
             if row["solver"].startswith("kit:") or row.get("status") == "judge_failed":
@@ -581,26 +587,15 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
                 log(f"[import] skip {what}: dataset folder {dataset_dir} is gone")
                 continue
             record = dataset_record(dataset_dir)
-            stored = store.get_dataset(record.dataset_id)
-            if stored is not None and stored.data_features:
-                record.data_features = stored.data_features
-            elif with_data_features:
-                if record.dataset_id not in features:
-                    log(f"[import] data meta-features of {record.dataset_id} ...")
-                    features[record.dataset_id] = compute_data_features(dataset_dir, landmark_backbone)
-                record.data_features = features[record.dataset_id]
+            add_data_features(record, dataset_dir, store, with_data_features, landmark_backbone, log)
             store.upsert_dataset(record)
             name, config = known[pipeline_id]
             store.upsert_pipeline(config, name=name)
-            store.record_run(RunRecord(
-                dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
-                hardware=hardware["key"], hardware_info=hardware, status=str(row.get("status")), alc=row.get("alc"),
-                final_nauc=row.get("final_nauc"), n_predictions=row.get("n_predictions"),
-                timestamps=list(row.get("timestamps") or []), scores=list(row.get("naucs") or []),
-                time_to_first_prediction=row.get("time_to_first_prediction"),
-                peak_rss_bytes=row.get("peak_rss_bytes"), wall_time=row.get("wall_time"), error=row.get("error"),
-                tf_mode=row.get("tf_mode", "graph"), code_version=row.get("code_version"),
-                finished_at=row.get("finished_at"), study=f"bench:{row.get('judge')}", worker=row["solver"]))
+            store.record_run(run_record(
+                row, dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
+                hardware=hardware["key"], hardware_info=hardware, tf_mode=row.get("tf_mode", "graph"),
+                code_version=row.get("code_version"), finished_at=row.get("finished_at"),
+                study=f"bench:{row.get('judge')}", worker=row["solver"]))
             imported += 1
             log(f"[import] {what}: {name} ALC {row.get('alc'):.4f}")
     return imported
@@ -626,19 +621,27 @@ def sync_store(coordinator: Coordinator, store_path) -> int:
 # ---------------------------------------------------------------------- CLI
 
 
-def _pipelines_from_args(specs, store_path):
+def stored_pipelines(store) -> dict:
+    """{pipeline_id: (name, PipelineConfig)} of the store's pipelines this code can parse."""
     from autodl_core.config import PipelineConfig
+
+    known = {}
+    for pipeline_id, name, raw in store.pipelines():
+        try:
+            known[pipeline_id] = (name, PipelineConfig.from_dict(raw))
+        except (TypeError, ValueError):  # a record of newer code: not usable here
+            continue
+    return known
+
+
+def _pipelines_from_args(specs, store_path):
     from meta_db.portfolio import resolve_pipelines
     from meta_db.store import Store
 
     known = {}
     if Path(store_path).is_file():
         with Store(store_path, readonly=True) as store:
-            for pipeline_id, _, raw in store.pipelines():
-                try:
-                    known[pipeline_id] = PipelineConfig.from_dict(raw)
-                except (TypeError, ValueError):
-                    pass
+            known = {pipeline_id: config for pipeline_id, (_, config) in stored_pipelines(store).items()}
     try:
         return resolve_pipelines(specs, known)
     except ValueError as exc:
