@@ -6,10 +6,11 @@
   measuring a different pipeline than the one recorded would poison the store.
 - otherwise the store (meta_db/store.sqlite, or AUTODL_META_STORE) is read once per process; the
   runs of one stratum (the hardware kind of this machine, the time budget closest to the expected
-  one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each dataset's
-  row is normalised to [0, 1] (best pipeline 1, worst 0) so that easy datasets do not dominate;
-  the k nearest datasets (z-scored `zero_shot_vector`, distance-weighted) vote with their rows;
-  the best mean wins.
+  one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each entry
+  becomes its gap to the best pipeline of its dataset (0 for the best, negative otherwise); the
+  k nearest datasets (z-scored `zero_shot_vector`, distance-weighted) vote with their gaps; the
+  smallest expected gap wins. Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
+  would let a 0.0005 difference on a saturated dataset (noise) outvote a 0.05 one elsewhere.
 - far from every stored dataset (distance beyond what the store's own datasets show), the
   pipeline best on average over all datasets; no usable store: PipelineConfig() defaults.
 Stored pipelines this code cannot run (unknown fields; when torch is loaded: a backbone not
@@ -183,15 +184,13 @@ def expected_time_budget() -> float:
 # ---------------------------------------------------------------------- nearest neighbours
 
 
-def normalised_rows(alc: np.ndarray) -> np.ndarray:
-    """Per dataset: (ALC - worst) / (best - worst) over the pipelines measured on it; all equal -> 1."""
+def gap_rows(alc: np.ndarray) -> np.ndarray:
+    """Per dataset: ALC minus the best ALC measured on it (0 for the best pipeline, NaN where not measured)."""
     out = np.full_like(alc, np.nan, dtype=np.float64)
     for i, row in enumerate(alc):
         seen = ~np.isnan(row)
-        if not seen.any():
-            continue
-        lo, hi = row[seen].min(), row[seen].max()
-        out[i, seen] = 1.0 if hi - lo < 1e-12 else (row[seen] - lo) / (hi - lo)
+        if seen.any():
+            out[i, seen] = row[seen] - row[seen].max()
     return out
 
 
@@ -204,7 +203,7 @@ class NearestNeighbourSelector:
         self.empty = len(kn.dataset_ids) == 0 or len(kn.pipeline_ids) == 0
         if self.empty:
             return
-        self.norm = normalised_rows(kn.alc)
+        self.gaps = gap_rows(kn.alc)
         self.mean = kn.features.mean(axis=0)
         self.std = np.maximum(kn.features.std(axis=0), MIN_FEATURE_STD)
         self.z = self._standardise(kn.features)
@@ -223,13 +222,13 @@ class NearestNeighbourSelector:
         return np.clip((x - self.mean) / self.std, -Z_CLIP, Z_CLIP)
 
     def _aggregate(self, weights: np.ndarray, rows: np.ndarray, candidates=None) -> dict:
-        """{pipeline_id: weighted mean normalised ALC} for pipelines covering enough of `rows`' weight."""
+        """{pipeline_id: weighted mean ALC gap to the best} for pipelines covering enough of `rows`' weight."""
         scores = {}
         total = float(weights.sum())
         for j, pipeline_id in enumerate(self.knowledge.pipeline_ids):
             if candidates is not None and pipeline_id not in candidates:
                 continue
-            values = self.norm[rows, j]
+            values = self.gaps[rows, j]
             seen = ~np.isnan(values)
             covered = float(weights[seen].sum())
             if not seen.any() or covered < MIN_COVERAGE * total - 1e-12:
@@ -261,8 +260,8 @@ class NearestNeighbourSelector:
     def _fallback(self, candidates, why: str):
         scores = {p: s for p, s in self.global_scores.items() if candidates is None or p in candidates}
         if not scores:  # coverage too thin everywhere: any measured pipeline, by mean over what exists
-            scores = {p: float(np.nanmean(self.norm[:, j])) for j, p in enumerate(self.knowledge.pipeline_ids)
-                      if (candidates is None or p in candidates) and not np.all(np.isnan(self.norm[:, j]))}
+            scores = {p: float(np.nanmean(self.gaps[:, j])) for j, p in enumerate(self.knowledge.pipeline_ids)
+                      if (candidates is None or p in candidates) and not np.all(np.isnan(self.gaps[:, j]))}
         ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
         return ranking, {"mode": "global", "why": why}
 
@@ -274,9 +273,9 @@ class NearestNeighbourSelector:
         label = self.knowledge.label(pipeline_id)
         if info["mode"] == "neighbours":
             near = ", ".join(f"{d} ({dist})" for d, dist in info["neighbours"])
-            return pipeline_id, f"{label}: mean normalised ALC {score:.3f} over nearest datasets {near}"
+            return pipeline_id, f"{label}: mean ALC gap to the best {score:+.4f} over nearest datasets {near}"
         return pipeline_id, f"{label}: best on average over {len(self.knowledge.dataset_ids)} datasets " \
-                            f"(score {score:.3f}; {info['why']})"
+                            f"(gap {score:+.4f}; {info['why']})"
 
 
 # ---------------------------------------------------------------------- entry point

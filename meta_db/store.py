@@ -355,6 +355,38 @@ class Store:
             + ([hardware] if hardware is not None else [])
         return {(r["dataset_id"], r["pipeline_id"]): float(r["alc"]) for r in self.conn.execute(sql, params)}
 
+    def delete_runs(self, study: str) -> int:
+        """Forget every run recorded under `study` (e.g. 'bench:kit' imports); returns how many.
+
+        Runs of one stratum should come from one judge: the official kit and the local runner
+        time the first prediction differently (docs/metalearning.md), which shifts ALC.
+        """
+        with self._transaction() as conn:
+            return conn.execute("DELETE FROM runs WHERE study = ?", (study,)).rowcount
+
+    def copy_without_family(self, family_id: str, out_path: str | os.PathLike) -> Path:
+        """A copy of this store that never saw `family_id` (its datasets, variants and runs removed).
+
+        For end-to-end leave-one-dataset-out checks: the solver run on a held-out dataset with this
+        copy (AUTODL_META_STORE) chooses exactly as the LODO evaluation says it would.
+        """
+        out_path = Path(out_path)
+        if out_path.resolve() == self.path.resolve():
+            raise ValueError(f"refusing to overwrite the source store {self.path}")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.unlink(missing_ok=True)
+        target = sqlite3.connect(out_path)
+        try:
+            self.conn.backup(target)
+            target.execute("DELETE FROM runs WHERE dataset_id IN (SELECT dataset_id FROM datasets WHERE family_id = ?)",
+                           (family_id,))
+            target.execute("DELETE FROM datasets WHERE family_id = ?", (family_id,))
+            target.commit()
+            target.execute("VACUUM")
+        finally:
+            target.close()
+        return out_path
+
     def summary(self) -> dict:
         count = lambda table: int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: E731
         statuses = {r[0]: r[1] for r in self.conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status")}

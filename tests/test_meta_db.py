@@ -314,6 +314,40 @@ def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
     assert (tmp_path / "lodo.md").read_text() == written
 
 
+def test_lodo_stores_leave_each_family_out(synthetic_store, tmp_path):
+    from tools.meta_train import write_lodo_stores
+
+    with Store(synthetic_store) as store:
+        add_dataset(store, "gray0__c5", features(700, 5, 28, 1), {A: 0.9, B: 0.5}, parent="gray0")
+    written = {family: (path, choice) for family, path, choice in write_lodo_stores(synthetic_store, tmp_path / "lodo",
+                                                                                      k=3)}
+    assert set(written) == {f"gray{i}" for i in range(5)} | {f"color{i}" for i in range(5)}
+    path, choice = written["gray0"]
+    with Store(path, readonly=True) as held_out, Store(synthetic_store, readonly=True) as full:
+        kept = {d.dataset_id for d in held_out.datasets()}
+        assert "gray0" not in kept and "gray0__c5" not in kept and "gray1" in kept
+        assert not held_out.runs(dataset_id="gray0") and not held_out.runs(dataset_id="gray0__c5")
+        assert len(held_out.runs()) == len(full.runs()) - 6  # 4 pipelines on gray0, 2 on its variant
+    assert choice.startswith("mnv2-top-r32") and "gray0" not in choice.split("nearest datasets")[1]
+    assert written["color3"][1].startswith("lite0-finetune-r96")
+    # the solver, pointed at a held-out store, chooses what the table says
+    config, _ = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=path)
+    assert config == A
+    with pytest.raises(ValueError, match="overwrite"):
+        with Store(synthetic_store, readonly=True) as store:
+            store.copy_without_family("gray0", synthetic_store)
+
+
+def test_runs_of_one_study_can_be_forgotten(synthetic_store):
+    with Store(synthetic_store) as store:
+        n = len(store.runs())
+        store.record_run(RunRecord("gray0", A.pipeline_id(), 300.0, "cpu2", "ok", alc=0.5, seed=1, study="bench:kit",
+                                   timestamps=[1.0], scores=[0.5]))
+        assert len(store.runs()) == n + 1
+        assert store.delete_runs("bench:kit") == 1 and store.delete_runs("bench:kit") == 0
+        assert len(store.runs()) == n and len(store.runs(dataset_id="gray0")) == 4
+
+
 def test_best_fixed_needs_coverage():
     knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
                               {}, np.array([[0.5, 0.99], [0.5, np.nan], [0.5, np.nan]]))

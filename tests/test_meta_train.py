@@ -166,6 +166,15 @@ def test_separate_processes_share_one_storage_then_sync_and_evaluate(tmp_path, d
     assert json.loads(capsys.readouterr().out) == {"complete": 6}
     assert main(["meta-train", "--evaluate", "--store", str(merged_store), "--report", str(tmp_path / "lodo.md")]) == 0
     assert "| dsa |" in capsys.readouterr().out and (tmp_path / "lodo.md").is_file()
+    # end-to-end LODO stores: one per family, each without its held-out dataset
+    assert main(["meta-train", "--lodo-stores", str(tmp_path / "lodo"), "--store", str(merged_store)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    families = {line.split("\t")[0] for line in lines}
+    assert "dsa" in families and all((tmp_path / "lodo" / f"{f}.sqlite").is_file() for f in families)
+    with Store(tmp_path / "lodo" / "dsa.sqlite", readonly=True) as s:
+        assert not s.runs(dataset_id="dsa") and len(s.runs()) == 4
+    assert main(["meta-train", "--drop-study", "no-such-study", "--store", str(merged_store)]) == 0
+    assert "0 run(s)" in capsys.readouterr().out
 
 
 @pytest.fixture()

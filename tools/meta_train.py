@@ -7,6 +7,8 @@
     tools meta-train --sync --storage URL [--study NAME] [--store S]             merge a study's results
     tools meta-train --status --storage URL [--study NAME]                        task counts
     tools meta-train --make-variants SRC... --variants-out DIR [--per-dataset N] derive datasets
+    tools meta-train --lodo-stores DIR [--store S]                                one store per held-out family
+    tools meta-train --drop-study STUDY [--store S]                               forget one study's runs
     tools meta-train --list-portfolio
 
 Each task (dataset, pipeline, budget, seed, TF mode) is one Optuna trial: enqueued once as
@@ -648,6 +650,34 @@ def _pipelines_from_args(specs, store_path):
         raise UserInputError(str(exc)) from None
 
 
+def write_lodo_stores(store_path, out_dir, k: int = 5) -> list[tuple[str, Path, str]]:
+    """One store per corpus family with that family left out, and what the selector then picks for it.
+
+    Run the solver on a held-out dataset with AUTODL_META_STORE=<its store> to measure, end to end,
+    the selection that the leave-one-dataset-out table only looks up. Returns (family, path, choice).
+    """
+    from meta_db.metafeatures import zero_shot_vector
+    from meta_db.selector import NearestNeighbourSelector, load_knowledge
+    from meta_db.store import Store
+
+    with Store(store_path, readonly=True) as store:
+        datasets = {d.dataset_id: d for d in store.datasets()}
+        stratum = load_knowledge(store_path)
+        families = sorted({datasets[d].family_id for d in stratum.dataset_ids})
+        written = []
+        for family in families:
+            path = store.copy_without_family(family, Path(out_dir) / f"{family}.sqlite")
+            held_out = datasets.get(family)
+            choice = "-"
+            if held_out is not None:
+                knowledge = load_knowledge(path, time_budget=stratum.time_budget, hardware=stratum.hardware)
+                pipeline_id, reason = NearestNeighbourSelector(knowledge, k=k).choose(
+                    zero_shot_vector(held_out.metadata_features))
+                choice = reason if pipeline_id else "default pipeline (nothing measured)"
+            written.append((family, path, choice))
+    return written
+
+
 def _cli(args) -> int:
     from meta_db.store import DEFAULT_STORE_PATH
 
@@ -680,6 +710,20 @@ def _cli(args) -> int:
                                     out=args.report)
         print(text)
         return 0 if rows else 3
+    if args.drop_study:
+        if not store_path.is_file():
+            raise UserInputError(f"store not found: {store_path}")
+        from meta_db.store import Store
+
+        with Store(store_path) as store:
+            print(f"{store.delete_runs(args.drop_study)} run(s) of study {args.drop_study!r} removed from {store_path}")
+        return 0
+    if args.lodo_stores:
+        if not store_path.is_file():
+            raise UserInputError(f"store not found: {store_path}")
+        for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k):
+            print(f"{family}\t{path}\t{choice}")
+        return 0
     storage_url = args.storage or default_storage_url(Path(args.out))
     if args.sync or args.status:
         coordinator = Coordinator(storage_url, args.study)
@@ -717,6 +761,10 @@ def register(subparsers) -> None:
                       help="derive datasets from corpus folders (data.npz) or AutoDL folders")
     mode.add_argument("--import-bench", metavar="RESULTS_JSONL",
                       help="store our solver's runs from a `tools bench` results.jsonl (pipeline read from its logs)")
+    mode.add_argument("--lodo-stores", metavar="DIR",
+                      help="write DIR/<family>.sqlite: the store without each corpus family (end-to-end LODO)")
+    mode.add_argument("--drop-study", metavar="STUDY",
+                      help="remove the runs recorded under STUDY (e.g. bench:kit imports) from the store")
     mode.add_argument("--list-portfolio", action="store_true", help="print the portfolio's pipeline ids and names")
     parser.add_argument("--datasets", nargs="+", metavar="DIR",
                         help="AutoDL dataset folders, or folders holding several")
