@@ -358,8 +358,8 @@ class Store:
     def delete_runs(self, study: str) -> int:
         """Forget every run recorded under `study` (e.g. 'bench:kit' imports); returns how many.
 
-        Runs of one stratum should come from one judge: the official kit and the local runner
-        time the first prediction differently (docs/metalearning.md), which shifts ALC.
+        E.g. to learn from one judge only: the official kit and the local runner time the first
+        prediction slightly differently (docs/metalearning.md, "The shipped store").
         """
         with self._transaction() as conn:
             return conn.execute("DELETE FROM runs WHERE study = ?", (study,)).rowcount

@@ -269,6 +269,10 @@ def test_bad_inputs_are_named(tmp_path, datasets, code_dir):
     assert main(["meta-train", "--pipelines", "nope", "--datasets", str(datasets), "--time-budget", "5",
                  "--store", str(store), "--out", str(tmp_path / "o"), "--no-throughput"]) == 2
     assert main(["meta-train", "--store", str(store)]) == 2  # no mode, no datasets
+    missing = str(tmp_path / "missing.sqlite")
+    for mode in (["--evaluate"], ["--drop-study", "x"], ["--lodo-stores", str(tmp_path / "l")]):
+        assert main(["meta-train", *mode, "--store", missing]) == 2
+    assert not Path(missing).exists()  # a missing store is named, never created empty
 
 
 def test_variants_data_features_and_parent_records(tmp_path):

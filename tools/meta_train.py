@@ -701,26 +701,22 @@ def _cli(args) -> int:
                          landmark_backbone=None if args.no_data_features else args.landmark_backbone)
         print(f"{n} bench run(s) stored in {store_path}")
         return 0
+    if (args.evaluate or args.drop_study or args.lodo_stores) and not store_path.is_file():
+        raise UserInputError(f"store not found: {store_path}")  # these modes read an existing store
     if args.evaluate:
         from meta_db.evaluate import evaluate_store
 
-        if not store_path.is_file():
-            raise UserInputError(f"store not found: {store_path}")
         rows, text = evaluate_store(store_path, time_budget=args.time_budget, hardware=args.hardware, k=args.k,
                                     out=args.report)
         print(text)
         return 0 if rows else 3
     if args.drop_study:
-        if not store_path.is_file():
-            raise UserInputError(f"store not found: {store_path}")
         from meta_db.store import Store
 
         with Store(store_path) as store:
             print(f"{store.delete_runs(args.drop_study)} run(s) of study {args.drop_study!r} removed from {store_path}")
         return 0
     if args.lodo_stores:
-        if not store_path.is_file():
-            raise UserInputError(f"store not found: {store_path}")
         for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k):
             print(f"{family}\t{path}\t{choice}")
         return 0
