@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meta_db.selector import DEFAULT_K, Knowledge, NearestNeighbourSelector
+from meta_db.selector import DEFAULT_K, DEFAULT_SELECTOR, Knowledge, make_selector
 
 
 @dataclass
@@ -69,7 +69,9 @@ def best_fixed(knowledge: Knowledge, candidates: set[str] | None = None) -> str 
     return best
 
 
-def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: str | None = None) -> list[LodoRow]:
+def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: str | None = None,
+                          method: str = DEFAULT_SELECTOR) -> list[LodoRow]:
+    """One row per dataset with a choice; `method` names the selector (meta_db.selector.SELECTORS)."""
     rows = []
     for i, dataset_id in enumerate(knowledge.dataset_ids):
         measured = ~np.isnan(knowledge.alc[i])
@@ -79,7 +81,7 @@ def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: 
         candidates = set(alc)
         train = knowledge.without_family(knowledge.families[i])
         oracle = max(alc, key=lambda p: (alc[p], p))
-        selector = NearestNeighbourSelector(train, k=k)
+        selector = make_selector(train, method, k=k)
         selected, mode = None, "none"
         if not selector.empty:
             ranking, info = selector.rank(knowledge.features[i], candidates)
@@ -98,20 +100,22 @@ def _f(value, fmt=".4f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
-def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K) -> str:
+def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K,
+                    method: str = DEFAULT_SELECTOR) -> str:
     label = knowledge.label
     lines = ["# Leave-one-dataset-out evaluation of the selector",
              "",
              f"Stratum: T = {_f(knowledge.time_budget, 'g')} s, hardware {knowledge.hardware or '-'}; "
              f"{len(knowledge.dataset_ids)} datasets ({len(set(knowledge.families))} families), "
-             f"{len(knowledge.pipeline_ids)} pipelines; k = {k}. Each row: selector and best fixed pipeline "
+             f"{len(knowledge.pipeline_ids)} pipelines; selector {method}"
+             f"{f' (k = {k})' if method == 'knn' else ''}. Each row: selector and best fixed pipeline "
              "fitted without the dataset's family.",
              "",
              "| dataset | selected | ALC | best fixed | ALC | oracle | ALC | default ALC | regret sel. "
              "| regret fixed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sel = (label(r.selected) if r.selected else "-") + ("" if r.mode in ("neighbours", "none") else " (global)")
+        sel = (label(r.selected) if r.selected else "-") + (" (global)" if r.mode == "global" else "")
         lines.append(f"| {r.dataset_id} | {sel} | {_f(r.selected_alc)} | {label(r.fixed) if r.fixed else '-'} | "
                      f"{_f(r.fixed_alc)} | {label(r.oracle)} | {_f(r.oracle_alc)} | {_f(r.default_alc)} | "
                      f"{_f(r.regret_selected)} | {_f(r.regret_fixed)} |")
@@ -132,14 +136,14 @@ def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_
 
 
 def evaluate_store(store_path, time_budget: float | None = None, hardware: str | None = None, k: int = DEFAULT_K,
-                   out: str | Path | None = None) -> tuple[list[LodoRow], str]:
+                   out: str | Path | None = None, method: str = DEFAULT_SELECTOR) -> tuple[list[LodoRow], str]:
     """LODO over one stratum of a store file; writes the markdown to `out` when given."""
     from autodl_core.config import PipelineConfig
     from meta_db.selector import load_knowledge
 
     knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware)
-    rows = leave_one_dataset_out(knowledge, k=k, default_id=PipelineConfig().pipeline_id())
-    text = markdown_report(rows, knowledge, k)
+    rows = leave_one_dataset_out(knowledge, k=k, default_id=PipelineConfig().pipeline_id(), method=method)
+    text = markdown_report(rows, knowledge, k, method)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)

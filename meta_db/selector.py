@@ -1,4 +1,5 @@
-"""Zero-shot pipeline choice in Model.__init__: nearest neighbours over metadata meta-features.
+"""Zero-shot pipeline choice in Model.__init__: nearest neighbours (or a learned ridge ranking) over
+metadata meta-features.
 
 `select_pipeline(metadata) -> (PipelineConfig, reason)` always answers with a valid pipeline:
 - AUTODL_PIPELINE_JSON set (a JSON PipelineConfig dict, or a path to a JSON file): that pipeline,
@@ -9,7 +10,8 @@
   one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each entry
   becomes its gap to the best pipeline of its dataset (0 for the best, negative otherwise); the
   k nearest datasets (z-scored `zero_shot_vector`, distance-weighted) vote with their gaps; the
-  smallest expected gap wins. Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
+  smallest expected gap wins. AUTODL_SELECTOR=ridge (or DEFAULT_SELECTOR) predicts each gap with
+  a ridge regression instead (`RidgeGapSelector`). Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
   would let a 0.0005 difference on a saturated dataset (noise) outvote a 0.05 one elsewhere.
 - far from every stored dataset (distance beyond what the store's own datasets show), the
   pipeline best on average over all datasets; no usable store: PipelineConfig() defaults.
@@ -36,6 +38,7 @@ from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, Store
 ENV_PIPELINE = "AUTODL_PIPELINE_JSON"
 ENV_STORE = "AUTODL_META_STORE"
 ENV_BUDGET = "AUTODL_TIME_BUDGET"
+ENV_SELECTOR = "AUTODL_SELECTOR"  # "knn" or "ridge": which selector ranks the pipelines
 DEFAULT_TIME_BUDGET = 1200.0
 DEFAULT_K = 5
 Z_CLIP = 5.0  # standardised features are clipped here: absurd metadata cannot produce inf/nan distances
@@ -194,11 +197,15 @@ def gap_rows(alc: np.ndarray) -> np.ndarray:
     return out
 
 
-class NearestNeighbourSelector:
-    def __init__(self, knowledge: Knowledge, k: int = DEFAULT_K):
+class GapSelector:
+    """What both selectors share: ALC gaps, standardised meta-features, the out-of-range fallback.
+
+    Subclasses say how a query's expected gap per pipeline is estimated (`_scores`).
+    """
+
+    def __init__(self, knowledge: Knowledge):
         keep = ~np.all(np.isnan(knowledge.alc), axis=1) if len(knowledge.dataset_ids) else np.zeros(0, bool)
         self.knowledge = knowledge.subset(keep)
-        self.k = max(1, int(k))
         kn = self.knowledge
         self.empty = len(kn.dataset_ids) == 0 or len(kn.pipeline_ids) == 0
         if self.empty:
@@ -208,7 +215,7 @@ class NearestNeighbourSelector:
         self.std = np.maximum(kn.features.std(axis=0), MIN_FEATURE_STD)
         self.z = self._standardise(kn.features)
         # How far a dataset's nearest neighbour usually is, inside the store: beyond a few times that
-        # (and at least 3 z-units), a query is out of the seen range and the neighbours mean little.
+        # (and at least 3 z-units), a query is out of the seen range and the store means little.
         if len(self.z) > 1:
             d = np.linalg.norm(self.z[:, None, :] - self.z[None, :, :], axis=-1)
             np.fill_diagonal(d, np.inf)
@@ -237,25 +244,25 @@ class NearestNeighbourSelector:
         return scores
 
     def rank(self, vector: np.ndarray, candidates=None) -> tuple[list[tuple[str, float]], dict]:
-        """Pipelines best first with their scores, and how the ranking was made."""
+        """Pipelines best first with their expected gaps, and how the ranking was made."""
         if self.empty:
             return [], {"mode": "empty"}
         vector = np.asarray(vector, dtype=np.float64)
         if vector.shape != self.mean.shape or not np.all(np.isfinite(vector)):
             return self._fallback(candidates, "unusable meta-features")
         distances = np.linalg.norm(self.z - self._standardise(vector), axis=1)
-        order = np.argsort(distances, kind="stable")[: self.k]
-        nearest = float(distances[order[0]])
+        nearest = float(distances.min())
         if nearest > self.max_distance:
             return self._fallback(candidates, f"nearest stored dataset at distance {nearest:.2f} > "
                                               f"{self.max_distance:.2f}")
-        weights = 1.0 / (distances[order] + 0.25)
-        scores = self._aggregate(weights, order, candidates)
+        scores, info = self._scores(vector, distances, candidates)
         if not scores:
-            return self._fallback(candidates, "no pipeline measured on the neighbours")
+            return self._fallback(candidates, "no pipeline measured on enough of the stored datasets")
         ranking = sorted(scores.items(), key=lambda kv: (-kv[1], -self.global_scores.get(kv[0], 0.0), kv[0]))
-        neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
-        return ranking, {"mode": "neighbours", "neighbours": neighbours}
+        return ranking, info
+
+    def _scores(self, vector: np.ndarray, distances: np.ndarray, candidates) -> tuple[dict, dict]:
+        raise NotImplementedError
 
     def _fallback(self, candidates, why: str):
         scores = {p: s for p, s in self.global_scores.items() if candidates is None or p in candidates}
@@ -274,8 +281,120 @@ class NearestNeighbourSelector:
         if info["mode"] == "neighbours":
             near = ", ".join(f"{d} ({dist})" for d, dist in info["neighbours"])
             return pipeline_id, f"{label}: mean ALC gap to the best {score:+.4f} over nearest datasets {near}"
+        if info["mode"] == "ridge":
+            return pipeline_id, f"{label}: predicted ALC gap to the best {score:+.4f} (ridge over " \
+                                f"{info['datasets']} datasets, lambda {info['lambda']:g})"
         return pipeline_id, f"{label}: best on average over {len(self.knowledge.dataset_ids)} datasets " \
                             f"(gap {score:+.4f}; {info['why']})"
+
+
+class NearestNeighbourSelector(GapSelector):
+    """The k nearest stored datasets (distance-weighted) vote with their ALC gaps."""
+
+    def __init__(self, knowledge: Knowledge, k: int = DEFAULT_K):
+        self.k = max(1, int(k))
+        super().__init__(knowledge)
+
+    def _scores(self, vector, distances, candidates):
+        order = np.argsort(distances, kind="stable")[: self.k]
+        weights = 1.0 / (distances[order] + 0.25)
+        neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
+        return self._aggregate(weights, order, candidates), {"mode": "neighbours", "neighbours": neighbours}
+
+
+class RidgeGapSelector(GapSelector):
+    """A learned ranking: per pipeline, a ridge regression of its ALC gap on the standardised meta-features.
+
+    Why: nearest neighbours weigh every meta-feature alike, so a preference that follows one feature
+    (a faster learning rate paying off on colour photos, not on grey glyphs) is outvoted by datasets
+    that are near on the others. The regression finds which features matter; its penalty `lambda`
+    is chosen by leave-one-family-out inside the store itself (one-standard-error rule), and lambda -> infinity is the best fixed pipeline, so a store that shows no usable trend
+    falls back to it. Only datasets with two or more measured pipelines teach (one run has no gap
+    to learn); queries are clipped to the range of the stored meta-features (no extrapolation).
+    """
+
+    LAMBDAS = (math.inf, 30.0, 10.0, 3.0, 1.0)  # simplest first: ties go to the larger penalty
+
+    def __init__(self, knowledge: Knowledge, k: int = DEFAULT_K, lam: float | None = None):
+        """`k` is accepted for a common signature with the neighbours selector and not used."""
+        super().__init__(knowledge)
+        if self.empty:
+            return
+        kn = self.knowledge
+        self.teach = (~np.isnan(kn.alc)).sum(axis=1) >= 2
+        self.low, self.high = kn.features.min(axis=0), kn.features.max(axis=0)
+        self.lam = float(lam) if lam is not None else self._tune_lambda()
+        self.models = self._fit(np.flatnonzero(self.teach), self.lam)
+
+    def _fit(self, rows: np.ndarray, lam: float) -> dict:
+        """{pipeline_id: (intercept, centre, weights)} from the gaps on `rows` (pipelines covering enough)."""
+        models = {}
+        for j, pipeline_id in enumerate(self.knowledge.pipeline_ids):
+            gaps = self.gaps[rows, j]
+            seen = ~np.isnan(gaps)
+            if not seen.any() or seen.sum() < MIN_COVERAGE * len(rows) - 1e-12:
+                continue
+            z, y = self.z[rows][seen], gaps[seen]
+            centre = z.mean(axis=0)
+            if math.isinf(lam) or len(y) < 2:
+                weights = np.zeros(z.shape[1])
+            else:
+                zc = z - centre
+                weights = np.linalg.solve(zc.T @ zc + lam * np.eye(z.shape[1]), zc.T @ (y - y.mean()))
+            models[pipeline_id] = (float(y.mean()), centre, weights)
+        return models
+
+    @staticmethod
+    def _predict(models: dict, z: np.ndarray, candidates=None) -> dict:
+        """Predicted gaps, capped at 0: no pipeline beats the best one (ties then go to the global ranking)."""
+        return {p: min(0.0, float(b + (z - c) @ w)) for p, (b, c, w) in models.items()
+                if candidates is None or p in candidates}
+
+    def _tune_lambda(self) -> float:
+        """The penalty by leave-one-family-out inside the store, with a one-standard-error rule: the
+        simplest model whose ALC loss exceeds the lowest by no more than the standard error of their
+        paired difference (a penalty that wins by less than that has learned the noise)."""
+        kn = self.knowledge
+        rows = np.flatnonzero(self.teach)
+        families = sorted({kn.families[i] for i in rows})
+        if len(families) < 3:
+            return math.inf
+        losses = {}  # lambda -> ALC lost on each held-out dataset
+        for lam in self.LAMBDAS:
+            lost = []
+            for family in families:
+                models = self._fit(np.array([i for i in rows if kn.families[i] != family], dtype=int), lam)
+                for i in (i for i in rows if kn.families[i] == family):
+                    measured = {p for j, p in enumerate(kn.pipeline_ids) if not np.isnan(kn.alc[i, j])}
+                    scores = self._predict(models, self.z[i], measured)
+                    choice = max(scores, key=lambda p: (scores[p], p)) if scores else None
+                    lost.append(np.nan if choice is None else -self.gaps[i, kn.pipeline_ids.index(choice)])
+            losses[lam] = np.array(lost)
+        best = min(self.LAMBDAS, key=lambda lam: np.nanmean(losses[lam]))
+        for lam in self.LAMBDAS:  # simplest first
+            diff = losses[lam] - losses[best]
+            diff = diff[~np.isnan(diff)]
+            se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            if len(diff) == 0 or diff.mean() <= se + 1e-12:
+                return lam
+        return best
+
+    def _scores(self, vector, distances, candidates):
+        z = self._standardise(np.clip(vector, self.low, self.high))
+        info = {"mode": "ridge", "lambda": self.lam, "datasets": int(self.teach.sum())}
+        return self._predict(self.models, z, candidates), info
+
+
+SELECTORS = {"knn": NearestNeighbourSelector, "ridge": RidgeGapSelector}
+DEFAULT_SELECTOR = "knn"
+
+
+def make_selector(knowledge: Knowledge, method: str | None = None, k: int = DEFAULT_K) -> GapSelector:
+    """The selector named `method` (AUTODL_SELECTOR, else DEFAULT_SELECTOR); ValueError names the known ones."""
+    method = method or os.environ.get(ENV_SELECTOR) or DEFAULT_SELECTOR
+    if method not in SELECTORS:
+        raise ValueError(f"unknown selector {method!r}: use one of {', '.join(SELECTORS)}")
+    return SELECTORS[method](knowledge, k=k)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -311,12 +430,13 @@ def _backbone_ok():
     return ok
 
 
-def _selector_for(path: Path) -> NearestNeighbourSelector:
+def _selector_for(path: Path) -> GapSelector:
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, current_device_kind(), expected_time_budget())
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, current_device_kind(), expected_time_budget(),
+           os.environ.get(ENV_SELECTOR))
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = NearestNeighbourSelector(load_knowledge(path, backbone_ok=_backbone_ok()))
+        _CACHE[key] = make_selector(load_knowledge(path, backbone_ok=_backbone_ok()))
     return _CACHE[key]
 
 

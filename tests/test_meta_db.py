@@ -360,3 +360,75 @@ def test_best_fixed_compares_pipelines_on_the_same_datasets():
     knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
                               {}, alc)
     assert best_fixed(knowledge) == "p"
+
+
+# ---------------------------------------------------------------------- learned ranking (ridge)
+
+
+def _one_feature_store(path, trend: bool):
+    """Datasets spread over size and class count; colour alone decides (trend) or nothing does (no trend).
+
+    Nearest neighbours are misled here: each colour dataset's nearest datasets are grey ones of a
+    similar size. The ridge selector must find that only colour matters.
+    """
+    rng = np.random.default_rng(1)
+    with Store(path) as store, store.batch():
+        for name, config in PORTFOLIO.items():
+            store.upsert_pipeline(config, name)
+        for i in range(12):
+            colour = i % 4 == 0  # a minority: 3 colour sets among 12
+            n = int(10 ** rng.uniform(3, 4.7))
+            feats = features(n, int(rng.choice([5, 10, 40])), int(rng.choice([28, 32, 64])), 3 if colour else 1)
+            if trend:
+                noise = 0.002 * rng.standard_normal(2)
+                alcs = {A: 0.90 + (-0.02 if colour else 0.01) + noise[0], B: 0.90 + (0.02 if colour else -0.005) + noise[1]}
+            else:  # B better everywhere by a margin that does not depend on any meta-feature
+                noise = 0.0003 * rng.standard_normal(2)
+                alcs = {A: 0.90 + noise[0], B: 0.903 + noise[1]}
+            add_dataset(store, f"set{i}", feats, alcs)
+    return sel.load_knowledge(path)
+
+
+def test_ridge_selector_learns_which_feature_matters(tmp_path):
+    knowledge = _one_feature_store(tmp_path / "s.sqlite", trend=True)
+    rows = {r.dataset_id: r for r in leave_one_dataset_out(knowledge, method="ridge")}
+    colour = [f"set{i}" for i in range(12) if i % 4 == 0]
+    assert all(rows[d].selected == B.pipeline_id() for d in colour)
+    assert all(rows[d].selected == A.pipeline_id() for d in rows if d not in colour)
+    assert np.mean([r.regret_selected for r in rows.values()]) < np.mean([r.regret_fixed for r in rows.values()])
+    selector = sel.RidgeGapSelector(knowledge)
+    assert math.isfinite(selector.lam)  # the trend is real: a finite penalty wins the store's own cross-validation
+    pipeline_id, reason = selector.choose(zero_shot_vector(features(5000, 10, 32, 3)))
+    assert pipeline_id == B.pipeline_id() and "ridge" in reason
+
+
+def test_ridge_selector_without_a_trend_is_the_best_fixed_pipeline(tmp_path):
+    knowledge = _one_feature_store(tmp_path / "s.sqlite", trend=False)
+    selector = sel.RidgeGapSelector(knowledge)
+    assert math.isinf(selector.lam)  # every penalty chooses alike: the simplest model wins the tie
+    fixed = best_fixed(knowledge)
+    assert fixed == B.pipeline_id()
+    for d in range(12):
+        assert selector.choose(knowledge.features[d])[0] == fixed
+
+
+def test_ridge_selector_stays_sane_far_from_the_store(synthetic_store):
+    selector = sel.make_selector(sel.load_knowledge(synthetic_store), "ridge")
+    assert isinstance(selector, sel.RidgeGapSelector)
+    ranking, info = selector.rank(zero_shot_vector(features(10**9, 5000, 4000, 3)))
+    assert info["mode"] == "global" and ranking  # beyond the stored range: the best on average
+    # inside the range, predictions never claim to beat the best pipeline (gaps are <= 0)
+    ranking, info = selector.rank(zero_shot_vector(features(2000, 10, 28, 1)))
+    assert info["mode"] == "ridge" and all(score <= 0 for _, score in ranking)
+    assert ranking[0][0] == A.pipeline_id()
+
+
+def test_selector_method_is_chosen_by_name(synthetic_store, monkeypatch):
+    with pytest.raises(ValueError, match="unknown selector 'svm'"):
+        sel.make_selector(sel.load_knowledge(synthetic_store), "svm")
+    monkeypatch.setenv(sel.ENV_SELECTOR, "ridge")
+    config, reason = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
+    assert config == A and "ridge" in reason
+    monkeypatch.setenv(sel.ENV_SELECTOR, "svm")  # a bad value inside a run: default pipeline, reason says why
+    config, reason = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
+    assert config == PipelineConfig() and "unknown selector 'svm'" in reason

@@ -650,14 +650,14 @@ def _pipelines_from_args(specs, store_path):
         raise UserInputError(str(exc)) from None
 
 
-def write_lodo_stores(store_path, out_dir, k: int = 5) -> list[tuple[str, Path, str]]:
+def write_lodo_stores(store_path, out_dir, k: int = 5, method: str | None = None) -> list[tuple[str, Path, str]]:
     """One store per corpus family with that family left out, and what the selector then picks for it.
 
     Run the solver on a held-out dataset with AUTODL_META_STORE=<its store> to measure, end to end,
     the selection that the leave-one-dataset-out table only looks up. Returns (family, path, choice).
     """
     from meta_db.metafeatures import zero_shot_vector
-    from meta_db.selector import NearestNeighbourSelector, load_knowledge
+    from meta_db.selector import load_knowledge, make_selector
     from meta_db.store import Store
 
     with Store(store_path, readonly=True) as store:
@@ -671,7 +671,7 @@ def write_lodo_stores(store_path, out_dir, k: int = 5) -> list[tuple[str, Path, 
             choice = "-"
             if held_out is not None:
                 knowledge = load_knowledge(path, time_budget=stratum.time_budget, hardware=stratum.hardware)
-                pipeline_id, reason = NearestNeighbourSelector(knowledge, k=k).choose(
+                pipeline_id, reason = make_selector(knowledge, method, k=k).choose(
                     zero_shot_vector(held_out.metadata_features))
                 choice = reason if pipeline_id else "default pipeline (nothing measured)"
             written.append((family, path, choice))
@@ -707,7 +707,7 @@ def _cli(args) -> int:
         from meta_db.evaluate import evaluate_store
 
         rows, text = evaluate_store(store_path, time_budget=args.time_budget, hardware=args.hardware, k=args.k,
-                                    out=args.report)
+                                    out=args.report, method=args.selector)
         print(text)
         return 0 if rows else 3
     if args.drop_study:
@@ -717,7 +717,7 @@ def _cli(args) -> int:
             print(f"{store.delete_runs(args.drop_study)} run(s) of study {args.drop_study!r} removed from {store_path}")
         return 0
     if args.lodo_stores:
-        for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k):
+        for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k, method=args.selector):
             print(f"{family}\t{path}\t{choice}")
         return 0
     storage_url = args.storage or default_storage_url(Path(args.out))
@@ -745,6 +745,8 @@ def _cli(args) -> int:
 
 def register(subparsers) -> None:
     import argparse
+
+    from meta_db.selector import DEFAULT_SELECTOR, SELECTORS
 
     parser = subparsers.add_parser("meta-train", help="run pipelines x datasets into the meta-knowledge store",
                                    description="\n\n".join(__doc__.split("\n\n")[:2]),
@@ -787,6 +789,8 @@ def register(subparsers) -> None:
     parser.add_argument("--runner", default=DEFAULT_RUNNER, help=argparse.SUPPRESS)  # tests: a fake judge
     parser.add_argument("--hardware", help="--evaluate: hardware stratum (default: as the selector chooses)")
     parser.add_argument("--k", type=int, default=5, help="--evaluate: neighbours (default %(default)s)")
+    parser.add_argument("--selector", choices=sorted(SELECTORS), default=DEFAULT_SELECTOR,
+                        help="--evaluate, --lodo-stores: which selector (default %(default)s)")
     parser.add_argument("--report", help="--evaluate: also write the markdown table to this file")
     parser.add_argument("--variants-out", help="--make-variants: output folder")
     parser.add_argument("--per-dataset", type=int, default=3, help="--make-variants: variants per source")
