@@ -10,9 +10,10 @@ metadata meta-features.
   one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each entry
   becomes its gap to the best pipeline of its dataset (0 for the best, negative otherwise); the
   k nearest datasets (z-scored `zero_shot_vector`, distance-weighted) vote with their gaps; the
-  smallest expected gap wins. AUTODL_SELECTOR=ridge (or DEFAULT_SELECTOR) predicts each gap with
-  a ridge regression instead (`RidgeGapSelector`). Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
+  smallest expected gap wins. Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
   would let a 0.0005 difference on a saturated dataset (noise) outvote a 0.05 one elsewhere.
+  AUTODL_SELECTOR=ridge (or DEFAULT_SELECTOR) predicts each gap with a ridge regression instead
+  (`RidgeGapSelector`).
 - far from every stored dataset (distance beyond what the store's own datasets show), the
   pipeline best on average over all datasets; no usable store: PipelineConfig() defaults.
 Stored pipelines this code cannot run (unknown fields; when torch is loaded: a backbone not
@@ -308,8 +309,9 @@ class RidgeGapSelector(GapSelector):
     Why: nearest neighbours weigh every meta-feature alike, so a preference that follows one feature
     (a faster learning rate paying off on colour photos, not on grey glyphs) is outvoted by datasets
     that are near on the others. The regression finds which features matter; its penalty `lambda`
-    is chosen by leave-one-family-out inside the store itself (one-standard-error rule), and lambda -> infinity is the best fixed pipeline, so a store that shows no usable trend
-    falls back to it. Only datasets with two or more measured pipelines teach (one run has no gap
+    is chosen by leave-one-family-out inside the store itself (one-standard-error rule), and
+    lambda -> infinity is the best fixed pipeline, so a store that shows no usable trend falls
+    back to it. Only datasets with two or more measured pipelines teach (one run has no gap
     to learn); queries are clipped to the range of the stored meta-features (no extrapolation).
     """
 
@@ -370,6 +372,8 @@ class RidgeGapSelector(GapSelector):
                     choice = max(scores, key=lambda p: (scores[p], p)) if scores else None
                     lost.append(np.nan if choice is None else -self.gaps[i, kn.pipeline_ids.index(choice)])
             losses[lam] = np.array(lost)
+        if all(np.all(np.isnan(lost)) for lost in losses.values()):
+            return math.inf  # no held-out dataset could be scored: nothing to tune on
         best = min(self.LAMBDAS, key=lambda lam: np.nanmean(losses[lam]))
         for lam in self.LAMBDAS:  # simplest first
             diff = losses[lam] - losses[best]

@@ -381,7 +381,8 @@ def _one_feature_store(path, trend: bool):
             feats = features(n, int(rng.choice([5, 10, 40])), int(rng.choice([28, 32, 64])), 3 if colour else 1)
             if trend:
                 noise = 0.002 * rng.standard_normal(2)
-                alcs = {A: 0.90 + (-0.02 if colour else 0.01) + noise[0], B: 0.90 + (0.02 if colour else -0.005) + noise[1]}
+                alcs = {A: 0.90 + (-0.02 if colour else 0.01) + noise[0],
+                        B: 0.90 + (0.02 if colour else -0.005) + noise[1]}
             else:  # B better everywhere by a margin that does not depend on any meta-feature
                 noise = 0.0003 * rng.standard_normal(2)
                 alcs = {A: 0.90 + noise[0], B: 0.903 + noise[1]}
