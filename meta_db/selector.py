@@ -198,6 +198,11 @@ def gap_rows(alc: np.ndarray) -> np.ndarray:
     return out
 
 
+def best_first(scores: dict, tiebreak: dict) -> list[tuple[str, float]]:
+    """(pipeline, expected gap) best first; equal gaps go to the better `tiebreak` (a mean gap), then the id."""
+    return sorted(scores.items(), key=lambda kv: (-kv[1], -tiebreak.get(kv[0], 0.0), kv[0]))
+
+
 class GapSelector:
     """What both selectors share: ALC gaps, standardised meta-features, the out-of-range fallback.
 
@@ -259,10 +264,14 @@ class GapSelector:
         scores, info = self._scores(vector, distances, candidates)
         if not scores:
             return self._fallback(candidates, "no pipeline measured on enough of the stored datasets")
-        ranking = sorted(scores.items(), key=lambda kv: (-kv[1], -self.global_scores.get(kv[0], 0.0), kv[0]))
-        return ranking, info
+        return best_first(scores, self.global_scores), info
 
     def _scores(self, vector: np.ndarray, distances: np.ndarray, candidates) -> tuple[dict, dict]:
+        """({pipeline_id: expected gap}, info with at least "mode") for a query inside the stored range."""
+        raise NotImplementedError
+
+    def _explain(self, score: float, info: dict) -> str:
+        """Why the top pipeline won, for the log (after "<name>: ")."""
         raise NotImplementedError
 
     def _fallback(self, candidates, why: str):
@@ -279,14 +288,10 @@ class GapSelector:
             return None, "no measured pipeline"
         pipeline_id, score = ranking[0]
         label = self.knowledge.label(pipeline_id)
-        if info["mode"] == "neighbours":
-            near = ", ".join(f"{d} ({dist})" for d, dist in info["neighbours"])
-            return pipeline_id, f"{label}: mean ALC gap to the best {score:+.4f} over nearest datasets {near}"
-        if info["mode"] == "ridge":
-            return pipeline_id, f"{label}: predicted ALC gap to the best {score:+.4f} (ridge over " \
-                                f"{info['datasets']} datasets, lambda {info['lambda']:g})"
-        return pipeline_id, f"{label}: best on average over {len(self.knowledge.dataset_ids)} datasets " \
-                            f"(gap {score:+.4f}; {info['why']})"
+        if info["mode"] == "global":
+            return pipeline_id, f"{label}: best on average over {len(self.knowledge.dataset_ids)} datasets " \
+                                f"(gap {score:+.4f}; {info['why']})"
+        return pipeline_id, f"{label}: {self._explain(score, info)}"
 
 
 class NearestNeighbourSelector(GapSelector):
@@ -301,6 +306,10 @@ class NearestNeighbourSelector(GapSelector):
         weights = 1.0 / (distances[order] + 0.25)
         neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
         return self._aggregate(weights, order, candidates), {"mode": "neighbours", "neighbours": neighbours}
+
+    def _explain(self, score, info):
+        near = ", ".join(f"{d} ({dist})" for d, dist in info["neighbours"])
+        return f"mean ALC gap to the best {score:+.4f} over nearest datasets {near}"
 
 
 class RidgeGapSelector(GapSelector):
@@ -361,16 +370,19 @@ class RidgeGapSelector(GapSelector):
         families = sorted({kn.families[i] for i in rows})
         if len(families) < 3:
             return math.inf
+        column = {p: j for j, p in enumerate(kn.pipeline_ids)}
+        measured = {i: {p for p, j in column.items() if not np.isnan(kn.alc[i, j])} for i in rows}
+        folds = [(np.array([i for i in rows if kn.families[i] != family], dtype=int),
+                  [i for i in rows if kn.families[i] == family]) for family in families]
         losses = {}  # lambda -> ALC lost on each held-out dataset
         for lam in self.LAMBDAS:
             lost = []
-            for family in families:
-                models = self._fit(np.array([i for i in rows if kn.families[i] != family], dtype=int), lam)
-                for i in (i for i in rows if kn.families[i] == family):
-                    measured = {p for j, p in enumerate(kn.pipeline_ids) if not np.isnan(kn.alc[i, j])}
-                    scores = self._predict(models, self.z[i], measured)
-                    choice = max(scores, key=lambda p: (scores[p], p)) if scores else None
-                    lost.append(np.nan if choice is None else -self.gaps[i, kn.pipeline_ids.index(choice)])
+            for train_rows, held in folds:
+                models = self._fit(train_rows, lam)
+                intercepts = {p: b for p, (b, _, _) in models.items()}  # the fold's mean gaps: `rank`'s tie-break
+                for i in held:
+                    ranking = best_first(self._predict(models, self.z[i], measured[i]), intercepts)
+                    lost.append(-self.gaps[i, column[ranking[0][0]]] if ranking else np.nan)
             losses[lam] = np.array(lost)
         if all(np.all(np.isnan(lost)) for lost in losses.values()):
             return math.inf  # no held-out dataset could be scored: nothing to tune on
@@ -387,6 +399,10 @@ class RidgeGapSelector(GapSelector):
         z = self._standardise(np.clip(vector, self.low, self.high))
         info = {"mode": "ridge", "lambda": self.lam, "datasets": int(self.teach.sum())}
         return self._predict(self.models, z, candidates), info
+
+    def _explain(self, score, info):
+        return f"predicted ALC gap to the best {score:+.4f} (ridge over {info['datasets']} datasets, " \
+               f"lambda {info['lambda']:g})"
 
 
 SELECTORS = {"knn": NearestNeighbourSelector, "ridge": RidgeGapSelector}
