@@ -33,6 +33,11 @@ class LodoRow:
     mode: str
 
     @property
+    def is_original(self) -> bool:
+        """A corpus dataset, not a variant derived from one."""
+        return self.dataset_id == self.family_id
+
+    @property
     def regret_selected(self) -> float:
         return self.oracle_alc - self.selected_alc
 
@@ -100,6 +105,16 @@ def _f(value, fmt=".4f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _mean_line(title: str, rows: list[LodoRow]) -> str:
+    mean = lambda values: _f(float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan)  # noqa
+    sel = np.array([r.selected_alc for r in rows])
+    fix = np.array([r.fixed_alc for r in rows])
+    orc = np.array([r.oracle_alc for r in rows])
+    dfl = np.array([math.nan if r.default_alc is None else r.default_alc for r in rows])
+    return (f"| **{title}** ({len(rows)}) | | {mean(sel)} | | {mean(fix)} | | {mean(orc)} | {mean(dfl)} | "
+            f"{mean(orc - sel)} | {mean(orc - fix)} |")
+
+
 def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K,
                     method: str = DEFAULT_SELECTOR) -> str:
     label = knowledge.label
@@ -119,17 +134,21 @@ def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_
         lines.append(f"| {r.dataset_id} | {sel} | {_f(r.selected_alc)} | {label(r.fixed) if r.fixed else '-'} | "
                      f"{_f(r.fixed_alc)} | {label(r.oracle)} | {_f(r.oracle_alc)} | {_f(r.default_alc)} | "
                      f"{_f(r.regret_selected)} | {_f(r.regret_fixed)} |")
-    if rows:
-        mean = lambda values: _f(float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan)  # noqa
-        sel = np.array([r.selected_alc for r in rows])
-        fix = np.array([r.fixed_alc for r in rows])
-        orc = np.array([r.oracle_alc for r in rows])
-        dfl = np.array([math.nan if r.default_alc is None else r.default_alc for r in rows])
-        lines.append(f"| **mean** | | {mean(sel)} | | {mean(fix)} | | {mean(orc)} | {mean(dfl)} | "
-                     f"{mean(orc - sel)} | {mean(orc - fix)} |")
-        wins = sum(1 for r in rows if r.selected_alc > r.fixed_alc + 1e-9)
-        losses = sum(1 for r in rows if r.selected_alc < r.fixed_alc - 1e-9)
-        lines += ["", f"Selector vs best fixed: {wins} wins, {losses} losses, {len(rows) - wins - losses} ties."]
+    originals = [r for r in rows if r.is_original]
+    derived = [r for r in rows if not r.is_original]
+    # The headline is over original datasets: variants are extra training tasks, and averaging them in
+    # would weigh a family by how many variants it was given.
+    for title, group in (("mean", originals), ("mean, variants", derived)):
+        if group:
+            lines.append(_mean_line(title, group))
+    if originals:
+        wins = sum(1 for r in originals if r.selected_alc > r.fixed_alc + 1e-9)
+        losses = sum(1 for r in originals if r.selected_alc < r.fixed_alc - 1e-9)
+        lines += ["", f"Selector vs best fixed on the {len(originals)} original datasets: {wins} wins, {losses} losses, "
+                      f"{len(originals) - wins - losses} ties."
+                  + (f" Variant rows ({len(derived)}) are listed but not in the headline mean." if derived else "")]
+    elif derived:
+        lines += ["", "Only variant datasets have a choice in this stratum."]
     else:
         lines += ["", "No dataset with runs in this stratum."]
     return "\n".join(lines) + "\n"

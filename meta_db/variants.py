@@ -227,14 +227,43 @@ def random_specs(source: Source, count: int, seed: int = 0) -> list[VariantSpec]
     return specs
 
 
+def parse_spec(text: str) -> VariantSpec:
+    """'side=8,train_fraction=0.2,classes=5,grayscale=1,seed=3' -> VariantSpec; raises UserInputError."""
+    casts = {"classes": int, "train_fraction": float, "side": int, "seed": int,
+             "grayscale": lambda v: v.lower() in ("1", "true", "yes")}
+    values = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in casts:
+            raise UserInputError(f"bad variant spec {text!r}: expected key=value pairs with keys "
+                                 f"{', '.join(casts)}, got {part!r}")
+        try:
+            values[key] = casts[key](value.strip())
+        except ValueError:
+            raise UserInputError(f"bad variant spec {text!r}: {key} cannot be {value.strip()!r}") from None
+    spec = VariantSpec(**values)
+    if not 0 < spec.train_fraction <= 1:
+        raise UserInputError(f"bad variant spec {text!r}: train_fraction must be in (0, 1]")
+    if spec.side is not None and spec.side < 1 or spec.classes is not None and spec.classes < 2:
+        raise UserInputError(f"bad variant spec {text!r}: side must be >= 1 and classes >= 2")
+    if spec.tag() == f"r{spec.seed}":
+        raise UserInputError(f"bad variant spec {text!r}: it changes nothing")
+    return spec
+
+
 def make_variants(sources: list[str | Path], out_dir: str | Path, per_dataset: int, seed: int = 0,
-                  log=print) -> list[Path]:
-    """`per_dataset` random variants of each source under `out_dir`; existing ones are kept (resumable)."""
+                  log=print, specs: list[VariantSpec] | None = None) -> list[Path]:
+    """Variants of each source under `out_dir`: the given `specs`, else `per_dataset` random ones.
+
+    Existing ones are kept (resumable).
+    """
     written = []
     for path in sources:
         source = load_source(path)
         # the dataset's name enters the seed: each source gets its own draw of variants
-        for spec in random_specs(source, per_dataset, seed + zlib.crc32(source.name.encode())):
+        chosen = specs if specs else random_specs(source, per_dataset, seed + zlib.crc32(source.name.encode()))
+        for spec in chosen:
             name = f"{source.name}__{spec.tag()}"
             target = Path(out_dir) / name
             if target.exists():

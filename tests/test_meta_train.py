@@ -280,7 +280,8 @@ def test_variants_data_features_and_parent_records(tmp_path):
     import torch._dynamo  # noqa: F401
 
     from meta_db.metafeatures import data_features, read_first_chunk
-    from meta_db.variants import VariantSpec, derive_variant, load_source, make_variants, random_specs
+    from meta_db.variants import VariantSpec, derive_variant, load_source, make_variants, parse_spec, random_specs
+    from tools.cli import main
 
     rng = np.random.default_rng(0)
     n, k = 120, 4
@@ -310,6 +311,18 @@ def test_variants_data_features_and_parent_records(tmp_path):
     assert len(made) == 2 and all(p.is_dir() for p in made)
     with pytest.raises(UserInputError, match="cannot keep 9 of 4"):
         derive_variant(source, VariantSpec(classes=9), tmp_path / "bad")
+    # explicit derivations (--variant SPEC) instead of random ones
+    assert parse_spec("side=8, train_fraction=0.5,grayscale=yes,seed=2") == \
+        VariantSpec(side=8, train_fraction=0.5, grayscale=True, seed=2)
+    for bad, why in (("side=8,colour=1", "keys classes"), ("side", "keys classes"), ("side=big", "side cannot be"),
+                     ("train_fraction=1.5", r"in \(0, 1\]"), ("classes=1", "classes >= 2"), ("seed=4", "changes nothing")):
+        with pytest.raises(UserInputError, match=why):
+            parse_spec(bad)
+    assert main(["meta-train", "--make-variants", str(corpus), "--variants-out", str(tmp_path / "explicit"),
+                 "--variant", "side=6,train_fraction=0.5", "--variant", "classes=3"]) == 0
+    made = sorted(p.name for p in (tmp_path / "explicit").iterdir())
+    assert made == ["toy__c3-r0", "toy__f50-s6-r0"]
+    assert mt.dataset_record(tmp_path / "explicit" / "toy__f50-s6-r0").metadata_features["rows"] == 6
 
     images, labels = read_first_chunk(report.path, max_examples=50, side=16)
     assert images.shape == (24, 16, 16, 1) and images.dtype == np.uint8 and labels.shape == (24, 2)

@@ -6,7 +6,7 @@
     tools meta-train --evaluate [--store S] [--time-budget T] [--report FILE]   leave-one-dataset-out table
     tools meta-train --sync --storage URL [--study NAME] [--store S]             merge a study's results
     tools meta-train --status --storage URL [--study NAME]                        task counts
-    tools meta-train --make-variants SRC... --variants-out DIR [--per-dataset N] derive datasets
+    tools meta-train --make-variants SRC... --variants-out DIR [--per-dataset N | --variant SPEC ...]  derive datasets
     tools meta-train --lodo-stores DIR [--store S]                                one store per held-out family
     tools meta-train --drop-study STUDY [--store S]                               forget one study's runs
     tools meta-train --list-portfolio
@@ -689,11 +689,12 @@ def _cli(args) -> int:
             print(f"{config.pipeline_id()}  {name}")
         return 0
     if args.make_variants:
-        from meta_db.variants import make_variants
+        from meta_db.variants import make_variants, parse_spec
 
         if not args.variants_out:
             raise UserInputError("--make-variants needs --variants-out DIR")
-        made = make_variants(args.make_variants, args.variants_out, args.per_dataset, seed=args.seed)
+        specs = [parse_spec(text) for text in args.variant or []]
+        made = make_variants(args.make_variants, args.variants_out, args.per_dataset, seed=args.seed, specs=specs)
         print(f"{len(made)} variant dataset(s) under {args.variants_out}")
         return 0
     if args.import_bench:
@@ -793,5 +794,9 @@ def register(subparsers) -> None:
                         help="--evaluate, --lodo-stores: which selector (default %(default)s)")
     parser.add_argument("--report", help="--evaluate: also write the markdown table to this file")
     parser.add_argument("--variants-out", help="--make-variants: output folder")
-    parser.add_argument("--per-dataset", type=int, default=3, help="--make-variants: variants per source")
+    parser.add_argument("--per-dataset", type=int, default=3, help="--make-variants: random variants per source")
+    parser.add_argument("--variant", action="append", metavar="SPEC",
+                        help="--make-variants: this derivation instead of random ones, e.g. "
+                             "side=8,train_fraction=0.2 (keys classes, train_fraction, side, grayscale, seed; "
+                             "repeatable)")
     parser.set_defaults(func=_cli)
