@@ -39,6 +39,17 @@ log = logging.getLogger("autodl_core.solver")
 SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
 
 
+def min_gain(best_score: float, cost_share: float) -> float:
+    """Validation NAUC gain a checkpoint needs before it is worth predicting.
+
+    0.001, or a quarter of the error left when validation is nearly saturated (a fixed 0.001 forbids
+    every gain once validation passes 0.999, common on small digit and face sets);
+    plus a share of the prediction's cost (time spent predicting large test sets needs a clearer gain).
+    """
+    room = 1.0 - best_score if np.isfinite(best_score) else 1.0
+    return min(0.001, 0.25 * max(room, 0.0)) + 0.02 * cost_share
+
+
 class Solver:
     def __init__(self, metadata, config: PipelineConfig | None = None, device: str | None = None):
         self.config = config or PipelineConfig()
@@ -550,11 +561,15 @@ class Solver:
         half_done = self.tuner.steps >= 0.5 * self.tuner.total_steps_hint
         return stale >= patience or (stale >= min(2, patience) and half_done)
 
-    def _with_flip_tta(self, plain: np.ndarray, deadline: float) -> np.ndarray:
+    def _with_flip_tta(self, plain: np.ndarray, deadline: float, recheck: bool = True) -> np.ndarray:
         """Validation predictions of the checkpoint as it would predict the test set (flip TTA or not).
 
-        The first call at a resolution decides: TTA stays on when it raises the validation score and
+        The first call at a resolution decides: TTA goes on when it raises the validation score and
         its test cost fits in the time left (the flipped predictions computed for the decision are used).
+        While on, every later checkpoint re-examines it (`recheck`; its flipped predictions are computed
+        anyway): a decision taken on a diverged first slice (a broken model that flips happen to help)
+        must not stay on for good, as it did on 8x8 digits, hiding every better checkpoint.
+        Once off, it stays off at this resolution.
         """
         if self.flip_tta is None and not self._flip_tta_affordable(deadline):
             self.flip_tta = False
@@ -566,12 +581,14 @@ class Solver:
                 self.flip_tta = False
             return plain
         tta = (plain + flipped) / 2
-        if self.flip_tta is None:
+        if self.flip_tta is None or recheck:
             y_val = self.train_y[self.val_idx]
             plain_score, tta_score = self._score(y_val, plain), self._score(y_val, tta)
-            self.flip_tta = bool(tta_score > plain_score + 5e-4)
-            log.info("flip TTA at %s: val NAUC %.4f -> %.4f: %s", self.ft_size, plain_score, tta_score,
-                     "on" if self.flip_tta else "off")
+            decided = bool(tta_score > plain_score + 5e-4)
+            if decided != self.flip_tta:
+                log.info("flip TTA at %s: val NAUC %.4f -> %.4f: %s", self.ft_size, plain_score, tta_score,
+                         "on" if decided else "off")
+            self.flip_tta = decided
         return tta if self.flip_tta else plain
 
     def _flip_tta_affordable(self, deadline: float) -> bool:
@@ -648,10 +665,8 @@ class Solver:
         group, score = self.candidates.select(self._val_labels(), extra=tentative)
         if not np.isfinite(score) or tentative not in group:
             return False
-        gain = score - self.best_val_score
-        # Expensive predictions (large test sets) need a clearer gain.
         cost_share = self._ft_test_cost() / max(1.0, deadline - time.monotonic())
-        return gain > 0.001 + 0.02 * cost_share
+        return score - self.best_val_score > min_gain(self.best_val_score, cost_share)
 
     def _checkpoint_name(self) -> str:
         return f"finetune@{self.ft_size[0]}x{self.ft_size[1]}:{self.tuner.steps}" + ("+flip" if self.flip_tta else "")

@@ -88,3 +88,49 @@ def test_trunk_and_top_compose_to_the_backbone():
         assert torch.allclose(top(trunk(x)), backbone(x), atol=1e-5)
     with pytest.raises(ValueError, match="cannot split"):
         split_backbone(torch.nn.Linear(2, 2), 2)
+
+
+def test_min_gain_leaves_room_near_saturated_validation():
+    from autodl_core.solver import min_gain
+
+    assert min_gain(0.90, 0.0) == pytest.approx(0.001)  # the usual bar
+    assert min_gain(0.9983, 0.0) == pytest.approx(0.000425)  # a quarter of the error left
+    assert 1.0 - 0.9995 > min_gain(0.9995, 0.0) > 0  # a perfect checkpoint can still pass
+    assert min_gain(1.0, 0.0) == 0 and min_gain(-np.inf, 0.0) == pytest.approx(0.001)
+    assert min_gain(0.90, 0.5) == pytest.approx(0.011)  # expensive predictions need a clearer gain
+
+
+class _FlipStub:
+    """What Solver._with_flip_tta reads: validation labels, a flipped prediction, a score."""
+
+    def __init__(self, flip_tta, flipped):
+        from autodl_core.metrics import nauc
+
+        self.flip_tta, self._flipped, self.ft_size = flip_tta, flipped, (48, 48)
+        self.train_y = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+        self.val_idx = np.arange(6)
+        self._score = nauc
+        self._flip_tta_affordable = lambda deadline: True
+        self._ft_test_cost = lambda: 0.0
+        self._predict_val = lambda deadline, flip=False: self._flipped
+
+
+def test_flip_tta_is_rechecked_on_every_checkpoint_while_on():
+    from autodl_core.solver import Solver
+
+    good = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.8 + 0.1  # a sane checkpoint: perfect ranking
+    broken = np.eye(3)[[1, 2, 0, 1, 2, 0]] * 0.8 + 0.1  # a diverged one: every example wrong
+    helps_broken = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.9 + 0.05  # flipped predictions that outvote the broken ones
+    # decided on a diverged first slice: flips "help" (anything beats a wrong model)
+    stub = _FlipStub(None, helps_broken)
+    assert Solver._with_flip_tta(stub, broken, 0.0) is not broken and stub.flip_tta is True
+    # the next, sane checkpoint: flips now hurt (mirrored glyphs), so TTA goes off and plain is used
+    stub._flipped = broken
+    assert Solver._with_flip_tta(stub, good, 0.0) is good and stub.flip_tta is False
+    # off stays off at this resolution: no flipped predictions are even computed
+    stub._predict_val = None
+    assert Solver._with_flip_tta(stub, good, 0.0) is good
+    # forced on without re-checking (recheck=False): the averaged predictions
+    forced = _FlipStub(True, broken)
+    assert np.allclose(Solver._with_flip_tta(forced, good, 0.0, recheck=False), (good + broken) / 2)
+    assert forced.flip_tta is True

@@ -186,7 +186,8 @@ def test_resolution_growth_and_flip_tta_keep_valid_predictions():
     assert solver._grow_resolution(time.monotonic() + 120)
     assert min(solver.ft_size) > min(old_size) and solver.test_cache.size == solver.ft_size
     solver.flip_tta = True
-    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60)
+    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60,
+                                                 recheck=False)  # forced on: the flip path itself
     probs = solver._predict_finetune(time.monotonic() + 60)
     assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
     names = [c.name for c in solver.candidates]
@@ -217,7 +218,8 @@ def test_full_finetune_path_runs_on_cpu_with_growth_and_flip():
     assert solver._grow_resolution(time.monotonic() + 120)
     assert min(solver.ft_size) > min(old_size)
     solver.flip_tta = True
-    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60)
+    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60,
+                                                 recheck=False)  # forced on: the flip path itself
     probs = solver._predict_finetune(time.monotonic() + 60)
     assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
     assert not solver._grow_resolution(time.monotonic() + 120)  # max_resolution_growths=1
