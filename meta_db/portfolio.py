@@ -11,31 +11,30 @@ from autodl_core.config import PipelineConfig
 
 PORTFOLIO: dict[str, PipelineConfig] = {
     # the solver's defaults: MobileNetV2, resolutions from the data, strategy "auto"
-    # (finetune_top on a CPU: the top blocks tuned on cached trunk activations; finetune on a GPU)
+    # (finetune_top on a CPU: the top blocks tuned on cached trunk activations; finetune on a GPU),
+    # top learning rate 0.016 (measured as "mnv2-top-lr16" at stop 8: the best fixed pipeline)
     "default": PipelineConfig(),
+    # the first default, top learning rate 0.002 (members measured before stop 9 keep it: same ids)
+    "mnv2-top-lr2": PipelineConfig(top_lr=0.002),
     # frozen features + linear head only: no fine-tuning cost, best when data is tiny or time short
-    "mnv2-probe": PipelineConfig(strategy="probe"),
-    # partial fine-tuning at a fixed larger working resolution (100+ px photos)
+    "mnv2-probe": PipelineConfig(strategy="probe", top_lr=0.002),
+    # partial fine-tuning at fixed working resolutions: small (glyphs, 8-28 px sources), larger (100+ px photos)
+    "mnv2-top-r32": PipelineConfig(strategy="finetune_top", probe_resolution=32, finetune_resolution=32,
+                                   top_lr=0.002),
     "mnv2-top-r96": PipelineConfig(strategy="finetune_top", probe_resolution=96, finetune_resolution=96,
                                    batch_size=32),
     # how much of the network moves: more blocks (slower, more capacity) or fewer (faster), and how fast
     "mnv2-top-deep": PipelineConfig(strategy="finetune_top", trunk_blocks=3, top_lr=0.005),
     "mnv2-top-shallow": PipelineConfig(strategy="finetune_top", trunk_blocks=5, top_lr=0.02),
-    # the default with a 4x faster top learning rate: converges sooner on large sets (cifar10 liked
-    # 0.01 before the best-weights restore existed), may overshoot on small ones
+    # between the first default and the current one
     "mnv2-top-lr8": PipelineConfig(top_lr=0.008),
-    # 8x the default top learning rate: lr8's gains went on growing (peta, cifar10); measured the best
-    # fixed pipeline at stop 8 (best on 7 of 9 corpus sets, T = 300 s, 2 CPUs)
-    "mnv2-top-lr16": PipelineConfig(top_lr=0.016),
-    # lr16 at 32 px: glyph-like sets (28 px and less, grey) may not need the 48-56 px the data policy
-    # picks; 3x fewer pixels buy earlier predictions and more steps (resolution still grows on plateau)
-    "mnv2-r32-lr16": PipelineConfig(probe_resolution=32, finetune_resolution=32, top_lr=0.016),
     # schedule: shorter first slice and slower growth -> earlier, more frequent predictions
-    "mnv2-top-quick": PipelineConfig(strategy="finetune_top", first_slice_seconds=4.0, slice_growth=1.4),
+    "mnv2-top-quick": PipelineConfig(strategy="finetune_top", first_slice_seconds=4.0, slice_growth=1.4,
+                                     top_lr=0.002),
     # full fine-tuning on images with augmentation (the GPU default; on a CPU only for small sets)
-    "mnv2-finetune": PipelineConfig(strategy="finetune"),
+    "mnv2-finetune": PipelineConfig(strategy="finetune", top_lr=0.002),
     # EfficientNet-Lite0: slower on a CPU, often better features
-    "lite0-top": PipelineConfig(backbone="efficientnet_lite0", strategy="finetune_top"),
+    "lite0-top": PipelineConfig(backbone="efficientnet_lite0", strategy="finetune_top", top_lr=0.002),
     "lite0-finetune-r96": PipelineConfig(backbone="efficientnet_lite0", strategy="finetune", probe_resolution=96,
                                          finetune_resolution=96, lr=0.005, batch_size=32),
 }

@@ -142,6 +142,9 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         pool = {s: n for s, n in strata.items() if hardware is None or s[1] == hardware}
         stratum = choose_stratum(pool, device_kind or current_device_kind(), float(target))
     configs, names = {}, {}
+    from meta_db.portfolio import portfolio_ids
+
+    current_names = {pipeline_id: name for name, pipeline_id in portfolio_ids().items()}
     for pipeline_id, name, raw in pipelines:
         try:
             config = PipelineConfig.from_dict(raw)
@@ -150,7 +153,7 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         if backbone_ok is not None and not backbone_ok(config.backbone):
             continue
         configs[pipeline_id] = config
-        names[pipeline_id] = name
+        names[pipeline_id] = current_names.get(pipeline_id, name)  # portfolio names outlive renames
     cells = {}
     for r in rows:
         if stratum is not None and (r["time_budget"], r["hardware"]) == stratum \

@@ -18,7 +18,7 @@ from meta_db.portfolio import PORTFOLIO, STRATEGIES, name_of, portfolio_ids, res
 from meta_db.store import (HARNESS_ERROR, SCHEMA_VERSION, DatasetRecord, RunRecord, Store, StoreVersionError,
                            task_key)
 
-A = PORTFOLIO["mnv2-r32-lr16"]  # best on small grayscale sets in the synthetic store
+A = PORTFOLIO["mnv2-top-r32"]  # best on small grayscale sets in the synthetic store
 B = PORTFOLIO["lite0-finetune-r96"]  # best on large colour sets
 C = PORTFOLIO["mnv2-probe"]  # mediocre everywhere, best on the odd family
 DEFAULT = PORTFOLIO["default"]
@@ -309,7 +309,7 @@ def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
     assert sum(r.regret_fixed for r in rows.values()) > sum(r.regret_selected for r in rows.values())
     assert rows["gray0"].default_alc == pytest.approx(0.72)
     text = markdown_report(list(rows.values()), knowledge, k=3)
-    assert "| gray0 | mnv2-r32-lr16 | 0.8000 |" in text and "wins" in text
+    assert "| gray0 | mnv2-top-r32 | 0.8000 |" in text and "wins" in text
     # the headline mean is over the 11 original datasets; the variant row is listed and averaged apart
     originals = [r for r in rows.values() if r.is_original]
     assert len(originals) == 11 and not rows["odd__c150"].is_original
@@ -334,7 +334,7 @@ def test_lodo_stores_leave_each_family_out(synthetic_store, tmp_path):
         assert "gray0" not in kept and "gray0__c5" not in kept and "gray1" in kept
         assert not held_out.runs(dataset_id="gray0") and not held_out.runs(dataset_id="gray0__c5")
         assert len(held_out.runs()) == len(full.runs()) - 6  # 4 pipelines on gray0, 2 on its variant
-    assert choice.startswith("mnv2-r32-lr16") and "gray0" not in choice.split("nearest datasets")[1]
+    assert choice.startswith("mnv2-top-r32") and "gray0" not in choice.split("nearest datasets")[1]
     assert written["color3"][1].startswith("lite0-finetune-r96")
     # the solver, pointed at a held-out store, chooses what the table says
     config, _ = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=path)
