@@ -34,6 +34,7 @@ import numpy as np
 
 from autodl_core.config import PipelineConfig
 from meta_db.metafeatures import current_device_kind, metadata_features, zero_shot_vector
+from meta_db.portfolio import portfolio_ids
 from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, Store
 
 ENV_PIPELINE = "AUTODL_PIPELINE_JSON"
@@ -142,8 +143,6 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         pool = {s: n for s, n in strata.items() if hardware is None or s[1] == hardware}
         stratum = choose_stratum(pool, device_kind or current_device_kind(), float(target))
     configs, names = {}, {}
-    from meta_db.portfolio import portfolio_ids
-
     current_names = {pipeline_id: name for name, pipeline_id in portfolio_ids().items()}
     for pipeline_id, name, raw in pipelines:
         try:

@@ -227,10 +227,16 @@ def random_specs(source: Source, count: int, seed: int = 0) -> list[VariantSpec]
     return specs
 
 
+def _flag(value: str) -> bool:
+    flags = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.lower() not in flags:
+        raise ValueError(value)
+    return flags[value.lower()]
+
+
 def parse_spec(text: str) -> VariantSpec:
     """'side=8,train_fraction=0.2,classes=5,grayscale=1,seed=3' -> VariantSpec; raises UserInputError."""
-    casts = {"classes": int, "train_fraction": float, "side": int, "seed": int,
-             "grayscale": lambda v: v.lower() in ("1", "true", "yes")}
+    casts = {"classes": int, "train_fraction": float, "side": int, "seed": int, "grayscale": _flag}
     values = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
