@@ -5,6 +5,7 @@ pipelines, rank them per dataset and hand the chosen one to the solver.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -72,7 +73,13 @@ class PipelineConfig:
         new field with a default therefore keeps every stored pipeline's id, and so does changing a
         default (record the old value in ID_BASELINE).
         """
-        baseline = {**PipelineConfig().to_dict(), **ID_BASELINE}
+        baseline = _id_baseline()
         data = {k: v for k, v in self.to_dict().items() if k != "extra" and v != baseline[k]}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def _id_baseline() -> dict:
+    """The defaults with ID_BASELINE's old values: computed once (ids are hashed in loops)."""
+    return {**PipelineConfig().to_dict(), **ID_BASELINE}

@@ -35,6 +35,15 @@ class VariantSpec:
     grayscale: bool = False
     seed: int = 0
 
+    def __post_init__(self):
+        """What a spec can get wrong without looking at a source (class counts above K are checked there)."""
+        if not 0 < self.train_fraction <= 1:
+            raise UserInputError(f"train fraction must be in (0, 1], got {self.train_fraction}")
+        if self.side is not None and self.side < 1:
+            raise UserInputError(f"need side >= 1, got {self.side}")
+        if self.classes is not None and self.classes < 2:
+            raise UserInputError(f"need classes >= 2, got {self.classes}")
+
     def tag(self) -> str:
         parts = []
         if self.classes:
@@ -147,8 +156,6 @@ def _select(source: Source, spec: VariantSpec) -> tuple[np.ndarray, np.ndarray]:
     labels = source.labels[:, columns]
     multilabel = bool(np.any(source.labels.sum(axis=1) != 1))
     keep = np.ones(len(labels), bool) if multilabel else labels.sum(axis=1) > 0
-    if not 0 < spec.train_fraction <= 1:
-        raise UserInputError(f"train fraction must be in (0, 1], got {spec.train_fraction}")
     train = np.flatnonzero(keep & ~source.is_test)
     if spec.train_fraction < 1.0:
         chosen = []
@@ -248,11 +255,10 @@ def parse_spec(text: str) -> VariantSpec:
             values[key] = casts[key](value.strip())
         except ValueError:
             raise UserInputError(f"bad variant spec {text!r}: {key} cannot be {value.strip()!r}") from None
-    spec = VariantSpec(**values)
-    if not 0 < spec.train_fraction <= 1:
-        raise UserInputError(f"bad variant spec {text!r}: train_fraction must be in (0, 1]")
-    if spec.side is not None and spec.side < 1 or spec.classes is not None and spec.classes < 2:
-        raise UserInputError(f"bad variant spec {text!r}: side must be >= 1 and classes >= 2")
+    try:
+        spec = VariantSpec(**values)
+    except UserInputError as exc:
+        raise UserInputError(f"bad variant spec {text!r}: {exc}") from None
     if spec.tag() == f"r{spec.seed}":
         raise UserInputError(f"bad variant spec {text!r}: it changes nothing")
     return spec

@@ -316,7 +316,8 @@ def test_variants_data_features_and_parent_records(tmp_path):
         VariantSpec(side=8, train_fraction=0.5, grayscale=True, seed=2)
     for bad, why in (("side=8,colour=1", "keys classes"), ("side", "keys classes"), ("side=big", "side cannot be"),
                      ("side=8,grayscale=maybe", "grayscale cannot be"),
-                     ("train_fraction=1.5", r"in \(0, 1\]"), ("classes=1", "classes >= 2"), ("seed=4", "changes nothing")):
+                     ("train_fraction=1.5", r"in \(0, 1\]"), ("classes=1", "classes >= 2"), ("side=0", "side >= 1"),
+                     ("seed=4", "changes nothing")):
         with pytest.raises(UserInputError, match=why):
             parse_spec(bad)
     assert main(["meta-train", "--make-variants", str(corpus), "--variants-out", str(tmp_path / "explicit"),
