@@ -23,10 +23,23 @@ def test_unknown_field_is_a_clear_error():
 
 
 def test_changed_defaults_keep_stored_ids():
-    """top_lr's default moved from 0.002 to 0.016: the ids measured in the store must keep their meaning."""
+    """top_lr's default moved from 0.002 to 0.016 (stop 9), first_chunk_seconds' from 1.5 to 0.5 (stop 10):
+    the ids measured in the store must keep their meaning, and the new default must get a new id."""
     from autodl_core.config import ID_BASELINE
 
     assert ID_BASELINE["top_lr"] != PipelineConfig().top_lr
-    assert PipelineConfig(top_lr=0.002).pipeline_id() == "bf21a9e8fbc5"  # the store's first default
-    assert PipelineConfig().pipeline_id() == PipelineConfig(top_lr=0.016).pipeline_id() == "df4d3378bb15"
-    assert PipelineConfig(strategy="probe", top_lr=0.002).pipeline_id() == "8c0aed5ee340"
+    assert ID_BASELINE["first_chunk_seconds"] != PipelineConfig().first_chunk_seconds
+    assert PipelineConfig(top_lr=0.002, first_chunk_seconds=1.5).pipeline_id() == "bf21a9e8fbc5"  # the first default
+    assert PipelineConfig(first_chunk_seconds=1.5).pipeline_id() == "df4d3378bb15"  # the stop-9 default
+    assert PipelineConfig(strategy="probe", top_lr=0.002, first_chunk_seconds=1.5).pipeline_id() == "8c0aed5ee340"
+    assert PipelineConfig().pipeline_id() not in {"bf21a9e8fbc5", "df4d3378bb15"}
+
+
+def test_measured_members_keep_their_stored_ids():
+    from meta_db.portfolio import PORTFOLIO, measured
+
+    assert measured() == PipelineConfig(top_lr=0.002, first_chunk_seconds=1.5)
+    assert PORTFOLIO["mnv2-top-lr16"].pipeline_id() == "df4d3378bb15"
+    assert PORTFOLIO["mnv2-top-lr2"].pipeline_id() == "bf21a9e8fbc5"
+    assert PORTFOLIO["mnv2-probe"].pipeline_id() == "8c0aed5ee340"
+    assert PORTFOLIO["default"] == PipelineConfig()
