@@ -46,6 +46,10 @@ DEFAULT_K = 5
 Z_CLIP = 5.0  # standardised features are clipped here: absurd metadata cannot produce inf/nan distances
 MIN_FEATURE_STD = 0.25  # a feature (e.g. a flag) constant across the store must not blow up distances
 MIN_COVERAGE = 0.5  # a pipeline must have runs on this share of the (weighted) neighbours to be ranked
+# Run-to-run standard deviation of one run's ALC, when the store holds too few replicate runs to measure
+# it: the shipped store's ten replicate pairs (T = 300 s, 2 CPUs) pool to 0.0017; between sittings ~0.002.
+NOISE_SD_PRIOR = 0.002
+MIN_NOISE_DOF = 3  # replicate degrees of freedom needed before the store's own noise estimate is used
 
 log = logging.getLogger("meta_db.selector")
 
@@ -89,13 +93,28 @@ class Knowledge:
     time_budget: float | None = None
     hardware: str | None = None
     names: dict = field(default_factory=dict)  # pipeline_id -> name
+    runs: np.ndarray | None = None  # datasets x pipelines: runs averaged in each cell (None: one each)
+    sq_dev: np.ndarray | None = None  # datasets x pipelines: sum of squared deviations of those runs' ALC
 
     def subset(self, keep: np.ndarray) -> "Knowledge":
         keep = np.asarray(keep, dtype=bool)
         return Knowledge([d for d, k in zip(self.dataset_ids, keep) if k],
                          [f for f, k in zip(self.families, keep) if k], self.features[keep],
                          self.pipeline_ids, self.configs, self.alc[keep], self.time_budget, self.hardware,
-                         self.names)
+                         self.names, None if self.runs is None else self.runs[keep],
+                         None if self.sq_dev is None else self.sq_dev[keep])
+
+    def run_counts(self) -> np.ndarray:
+        return np.ones_like(self.alc) if self.runs is None else np.maximum(self.runs, 1)
+
+    def noise_sd(self) -> float:
+        """Run-to-run SD of one run's ALC, pooled over the replicated cells (NOISE_SD_PRIOR if too few)."""
+        if self.runs is None or self.sq_dev is None:
+            return NOISE_SD_PRIOR
+        dof = float(np.nansum(np.maximum(self.runs - 1, 0)))
+        if dof < MIN_NOISE_DOF:
+            return NOISE_SD_PRIOR
+        return float(math.sqrt(np.nansum(self.sq_dev) / dof))
 
     def without_family(self, family: str) -> "Knowledge":
         return self.subset(np.array([f != family for f in self.families], dtype=bool))
@@ -130,7 +149,8 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
     with Store(store_path, readonly=True) as store:
         rows = store.conn.execute(
             "SELECT dataset_id, pipeline_id, time_budget, hardware, AVG(COALESCE(alc, 0.0)) AS alc, "
-            "COUNT(*) AS n FROM runs WHERE status != ? GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
+            "AVG(COALESCE(alc, 0.0) * COALESCE(alc, 0.0)) AS alc2, COUNT(*) AS n "
+            "FROM runs WHERE status != ? GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
         datasets = {d.dataset_id: d for d in store.datasets()}
         pipelines = store.pipelines()
     strata: dict = {}
@@ -157,7 +177,8 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
     for r in rows:
         if stratum is not None and (r["time_budget"], r["hardware"]) == stratum \
                 and r["pipeline_id"] in configs and r["dataset_id"] in datasets:
-            cells[(r["dataset_id"], r["pipeline_id"])] = float(r["alc"])
+            mean, n = float(r["alc"]), int(r["n"])
+            cells[(r["dataset_id"], r["pipeline_id"])] = (mean, n, max(0.0, (float(r["alc2"]) - mean * mean) * n))
     dataset_ids, families, vectors = [], [], []
     for dataset_id in sorted({d for d, _ in cells}):
         try:
@@ -168,15 +189,19 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         families.append(datasets[dataset_id].family_id)
     pipeline_ids = sorted({p for _, p in cells})
     alc = np.full((len(dataset_ids), len(pipeline_ids)), np.nan)
+    runs = np.zeros(alc.shape, dtype=np.int64)
+    sq_dev = np.zeros(alc.shape)
     d_index = {d: i for i, d in enumerate(dataset_ids)}
     p_index = {p: j for j, p in enumerate(pipeline_ids)}
-    for (d, p), value in cells.items():
+    for (d, p), (mean, n, dev) in cells.items():
         if d in d_index:
-            alc[d_index[d], p_index[p]] = value
+            alc[d_index[d], p_index[p]] = mean
+            runs[d_index[d], p_index[p]] = n
+            sq_dev[d_index[d], p_index[p]] = dev
     features = np.array(vectors).reshape(len(dataset_ids), -1) if vectors else np.zeros((0, 0))
     return Knowledge(dataset_ids, families, features, pipeline_ids, {p: configs[p] for p in pipeline_ids}, alc,
                      time_budget=None if stratum is None else stratum[0],
-                     hardware=None if stratum is None else stratum[1], names=names)
+                     hardware=None if stratum is None else stratum[1], names=names, runs=runs, sq_dev=sq_dev)
 
 
 def expected_time_budget() -> float:
@@ -297,21 +322,69 @@ class GapSelector:
 
 
 class NearestNeighbourSelector(GapSelector):
-    """The k nearest stored datasets (distance-weighted) vote with their ALC gaps."""
+    """The k nearest stored datasets (distance-weighted) vote with their ALC gaps.
+
+    Noise guard: the pipeline best on average over the store (the incumbent) is displaced only when
+    the neighbours' paired advantage of the challenger exceeds one standard error of run-to-run noise
+    (the store's pooled replicate SD, `Knowledge.noise_sd`). Without it a difference of 0.0015 on one
+    neighbour, below what reruns of one pipeline differ by, picks a pipeline that then loses.
+    """
 
     def __init__(self, knowledge: Knowledge, k: int = DEFAULT_K):
         self.k = max(1, int(k))
         super().__init__(knowledge)
+        if not self.empty:
+            self.noise = self.knowledge.noise_sd()
+            self.counts = self.knowledge.run_counts()
 
     def _scores(self, vector, distances, candidates):
         order = np.argsort(distances, kind="stable")[: self.k]
         weights = 1.0 / (distances[order] + 0.25)
         neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
-        return self._aggregate(weights, order, candidates), {"mode": "neighbours", "neighbours": neighbours}
+        return self._aggregate(weights, order, candidates), {"mode": "neighbours", "neighbours": neighbours,
+                                                             "rows": order, "weights": weights}
+
+    def rank(self, vector, candidates=None):
+        ranking, info = super().rank(vector, candidates)
+        if info.get("mode") != "neighbours" or len(ranking) < 2:
+            return ranking, info
+        scores = dict(ranking)
+        overall = {p: self.global_scores[p] for p in scores if p in self.global_scores}
+        if not overall:
+            return ranking, info
+        incumbent, challenger = best_first(overall, {})[0][0], ranking[0][0]
+        if challenger == incumbent:
+            return ranking, info
+        advantage, se = self.paired_advantage(challenger, incumbent, info["rows"], info["weights"])
+        if advantage > se:
+            return ranking, info
+        info["kept"] = {"challenger": challenger, "advantage": advantage, "se": se}
+        return [(incumbent, scores[incumbent])] + [r for r in ranking if r[0] != incumbent], info
+
+    def paired_advantage(self, challenger: str, incumbent: str, rows, weights) -> tuple[float, float]:
+        """(weighted mean ALC advantage of `challenger` over `incumbent` on the neighbours that measured
+        both, its standard error from run-to-run noise); no common neighbour: (0, noise of one pair)."""
+        column = {p: j for j, p in enumerate(self.knowledge.pipeline_ids)}
+        c, i = column[challenger], column[incumbent]
+        rows, weights = np.asarray(rows), np.asarray(weights, dtype=np.float64)
+        both = ~np.isnan(self.gaps[rows, c]) & ~np.isnan(self.gaps[rows, i])
+        if not both.any():
+            return 0.0, self.noise * math.sqrt(2.0)
+        r, w = rows[both], weights[both]
+        diff = self.gaps[r, c] - self.gaps[r, i]
+        var_each = self.noise ** 2 * (1.0 / self.counts[r, c] + 1.0 / self.counts[r, i])
+        advantage = float((w * diff).sum() / w.sum())
+        se = float(math.sqrt((w ** 2 * var_each).sum()) / w.sum())
+        return advantage, se
 
     def _explain(self, score, info):
         near = ", ".join(f"{d} ({dist})" for d, dist in info["neighbours"])
-        return f"mean ALC gap to the best {score:+.4f} over nearest datasets {near}"
+        text = f"mean ALC gap to the best {score:+.4f} over nearest datasets {near}"
+        kept = info.get("kept")
+        if kept:
+            text += (f"; kept as the best on average: {self.knowledge.label(kept['challenger'])} leads by "
+                     f"{kept['advantage']:+.4f} there, within run-to-run noise (SE {kept['se']:.4f})")
+        return text
 
 
 class RidgeGapSelector(GapSelector):

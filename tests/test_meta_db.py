@@ -439,3 +439,45 @@ def test_selector_method_is_chosen_by_name(synthetic_store, monkeypatch):
     monkeypatch.setenv(sel.ENV_SELECTOR, "svm")  # a bad value inside a run: default pipeline, reason says why
     config, reason = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
     assert config == PipelineConfig() and "unknown selector 'svm'" in reason
+
+
+# ---------------------------------------------------------------------- noise guard (neighbours)
+
+
+def _near_tie_store(path, lead: float, replicate_spread: float):
+    """DEFAULT is best on average; A leads it by `lead` on the grey cluster and loses badly on colour.
+    Every cell is run twice, `replicate_spread` apart: the store's own measure of run-to-run noise."""
+    with Store(path) as store, store.batch():
+        for name, config in PORTFOLIO.items():
+            store.upsert_pipeline(config, name)
+        for i in range(5):
+            for dataset_id, feats, alcs in (
+                    (f"gray{i}", features(1000 + 300 * i, 10, 28, 1), {DEFAULT: 0.90, A: 0.90 + lead}),
+                    (f"color{i}", features(30000 + 5000 * i, 5, 64, 3), {DEFAULT: 0.90, A: 0.80})):
+                store.upsert_dataset(DatasetRecord(dataset_id, feats))
+                for config, alc in alcs.items():
+                    for seed, sign in ((0, -1), (1, 1)):
+                        store.record_run(RunRecord(dataset_id, config.pipeline_id(), 300.0, "cpu2", "ok", seed=seed,
+                                                   alc=alc + sign * replicate_spread / 2,
+                                                   timestamps=[1.0], scores=[alc]))
+    return path
+
+
+def test_noise_sd_is_pooled_from_replicates_else_the_prior(tmp_path):
+    knowledge = sel.load_knowledge(_near_tie_store(tmp_path / "s.sqlite", 0.01, 0.004), 300.0, "cpu2")
+    assert knowledge.noise_sd() == pytest.approx(0.004 / math.sqrt(2), rel=1e-3)  # a pair d apart: SD d/sqrt(2)
+    single = sel.Knowledge(["a"], ["a"], np.zeros((1, len(ZERO_SHOT_NAMES))), ["p"], {}, np.array([[0.5]]))
+    assert single.noise_sd() == sel.NOISE_SD_PRIOR
+
+
+def test_neighbours_keep_the_best_pipeline_on_average_against_a_lead_within_noise(tmp_path):
+    query = FakeMetadata(1500, 10, 28, 28, 1)  # in the grey cluster
+    # A leads by 0.001 on every grey neighbour, reruns differ by 0.01: noise, the overall best stays
+    noisy = _near_tie_store(tmp_path / "noisy.sqlite", 0.001, 0.01)
+    config, reason = sel.select_pipeline(query, store=noisy)
+    assert config == DEFAULT and "within run-to-run noise" in reason, reason
+    # the same lead with reruns 0.0002 apart is real: A is chosen
+    sel._CACHE.clear()
+    clean = _near_tie_store(tmp_path / "clean.sqlite", 0.001, 0.0002)
+    config, reason = sel.select_pipeline(query, store=clean)
+    assert config == A and "noise" not in reason, reason
