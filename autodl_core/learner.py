@@ -53,11 +53,22 @@ class RateMeter:
 
 
 def autocast_for(device: torch.device):
-    """Mixed precision on a GPU (bf16 where supported), nothing on the CPU (fp32 is faster there)."""
+    """Mixed precision on a GPU (bf16 where supported), nothing on the CPU: there bf16 autocast makes
+    training steps slower (backward ~2x slower, measured on an AVX512-BF16 Xeon)."""
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return torch.autocast("cpu", enabled=False)
+
+
+def inference_autocast(device: torch.device, cpu_bf16: bool = False):
+    """For frozen forward passes (trunk activations, probe features). On a CPU with bf16 units,
+    bf16 inference is ~2x faster with the same probe quality (MobileNetV2, 64 px: 2,224 vs 982 img/s;
+    probe test NAUC eurosat 0.9894 vs 0.9884, cifar10 0.8294 vs 0.8291); the solver measures whether
+    this CPU gains before turning it on (`cpu_bf16`)."""
+    if device.type == "cuda":
+        return autocast_for(device)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cpu_bf16))
 
 
 class Classifier(nn.Module):

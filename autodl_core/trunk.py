@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from autodl_core.images import Preprocessor
-from autodl_core.learner import RateMeter, autocast_for
+from autodl_core.learner import RateMeter, inference_autocast
 
 
 class Top(nn.Module):
@@ -62,9 +62,9 @@ class ActivationCache:
     """
 
     def __init__(self, trunk: Trunk, preprocess: Preprocessor, size, rate: RateMeter | None = None,
-                 batch_size: int = 128, flip: bool = False):
+                 batch_size: int = 128, flip: bool = False, cpu_bf16: bool = False):
         self.trunk, self.preprocess, self.size, self.rate = trunk, preprocess, tuple(size), rate
-        self.flip = flip
+        self.flip, self.cpu_bf16 = flip, cpu_bf16
         self.batch_size = batch_size
         self.store: torch.Tensor | None = None
         self.has = np.zeros(0, bool)
@@ -96,7 +96,7 @@ class ActivationCache:
                 x = self.preprocess(images[idx], self.size)
                 if self.flip:
                     x = torch.flip(x, dims=[3])
-                with autocast_for(self.preprocess.device):
+                with inference_autocast(self.preprocess.device, self.cpu_bf16):
                     out = self.trunk(x)
                 out = out.float().cpu().to(torch.float16)
                 self._grow(len(images), out.shape[1:])
@@ -122,12 +122,12 @@ class ActivationCache:
 
 def top_features(top: nn.Module, cache: ActivationCache, positions: np.ndarray, device,
                  batch_size: int = 256) -> torch.Tensor:
-    """Pooled features of the (frozen, eval-mode) top over cached activations."""
+    """Pooled features of the (frozen, eval-mode) top over cached activations (in the cache's precision)."""
     top.eval()  # the shared frozen top stays in eval mode (restoring train() would flip its BN layers)
     outs = []
     with torch.inference_mode():
         for start in range(0, len(positions), batch_size):
             x = cache.get(positions[start:start + batch_size], device)
-            with autocast_for(torch.device(device) if not isinstance(device, torch.device) else device):
+            with inference_autocast(torch.device(device), cache.cpu_bf16):
                 outs.append(top(x).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)

@@ -110,6 +110,17 @@ def test_digits_first_prediction_fast_and_improving_within_budget():
     assert np.all((history[-1][1] >= 0) & (history[-1][1] <= 1))
 
 
+def test_first_chunk_reads_on_until_every_class_is_seen_on_sorted_data():
+    """Data sorted by class: the first (thumbnail) prediction must not be made from two classes of ten."""
+    x_tr, y_tr, x_te, y_te = digits_task()
+    order = np.argsort(y_tr.argmax(axis=1), kind="stable")
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig(first_chunk_seconds=0.001))
+    solver.train(kit_like_dataset(x_tr[order], y_tr[order]), 30.0)
+    assert (solver.train_y.max(axis=0) > 0).all()
+    first = solver.test(kit_like_dataset(x_te, y_te), 25.0)
+    assert nauc(y_te, first) > 0.9
+
+
 @pytest.mark.parametrize("case", ["rgba_large_variable", "many_classes", "multilabel_tiny"])
 def test_odd_tasks_return_valid_predictions_in_budget(case):
     rng = np.random.default_rng(1)
