@@ -76,6 +76,7 @@ class Solver:
         self.pending: np.ndarray | None = None  # predictions the next test call returns
         self.last_good: np.ndarray | None = None
         self.slice_seconds = self.config.first_slice_seconds
+        self._read_seconds, self._read_examples = 0.0, 0  # training data read so far, and the time it took
         self.best_val_score = -np.inf
         self._growths = 0  # resolution growths so far (progressive resizing)
         self._growth_refused_at = None  # working size at which a growth was refused for lack of time
@@ -198,10 +199,13 @@ class Solver:
         if have >= cap:
             return 0
         limit = cap - have if max_examples is None else min(max_examples, cap - have)
+        started = time.monotonic()
         chunk = self.train_reader.read(max_examples=limit, deadline=deadline)
         if chunk is None:
             return 0
         x, y = chunk
+        self._read_seconds += time.monotonic() - started
+        self._read_examples += len(x)
         if self.train_x is None:
             self.train_x, self.train_y = x, y
         else:
@@ -305,9 +309,16 @@ class Solver:
         slice_s = max(3.0, 0.3 * elapsed_total)
         slice_deadline = min(deadline - self._test_feature_cost(size), time.monotonic() + slice_s)
         have_features = 0 if self.train_features is None else len(self.train_features)
-        # Read more data, but no more than features can be computed for in the slice.
-        n_feature_target = min(cfg.probe_max_examples, have_features + int(rate * slice_s * 0.7))
         have = 0 if self.train_x is None else len(self.train_x)
+        # Read more data, but no more than features can be computed for in the slice: examples already
+        # read cost their features, unread ones their reading too (decoding can be the slower part: with
+        # fast features, reading for the whole slice put the probe's first prediction off by seconds).
+        budget = 0.7 * slice_s
+        from_read = min(have - have_features, int(rate * budget))
+        budget -= from_read / rate
+        read_rate = self._read_examples / self._read_seconds if self._read_seconds > 0.05 else np.inf
+        unread = int(budget / (1.0 / rate + 1.0 / read_rate))
+        n_feature_target = min(cfg.probe_max_examples, have_features + from_read + unread)
         if have < n_feature_target:
             self._read_more_train(slice_deadline, max_examples=n_feature_target - have)
         n_target = min(len(self.train_x), cfg.probe_max_examples)
