@@ -95,10 +95,13 @@ class Solver:
         # Warm-up: first calls of oneDNN / cuDNN kernels are slow; also measure throughput.
         rows, cols = self.metadata.get_matrix_size(0)
         guess = 64 if rows <= 0 or cols <= 0 else min(self.config.max_resolution, max(32, min(rows, cols)))
-        self.cpu_bf16 = self._choose_cpu_bf16()
+        self.cpu_bf16, rate_64 = self._choose_cpu_bf16()
         for res in sorted({guess, 64}):
-            x = torch.randn(64, 3, res, res, device=self.device).contiguous(memory_format=torch.channels_last)
-            rate = self._forward_rate(x)
+            if res == 64 and rate_64 is not None:  # measured in the precision just chosen
+                rate = rate_64
+            else:
+                x = torch.randn(64, 3, res, res, device=self.device).contiguous(memory_format=torch.channels_last)
+                rate = self._forward_rate(x)
             self.warmup_rates.append((res, rate))
         self.rate = RateMeter(rate * res * res)
         self.strategy = self.config.strategy
@@ -118,21 +121,24 @@ class Solver:
             self.backbone(x)
             return len(x) / max(1e-6, time.monotonic() - started)
 
-    def _choose_cpu_bf16(self) -> bool:
-        """bf16 for frozen forward passes on a CPU when measured clearly faster here (CPUs without bf16
-        units emulate it, slower). AUTODL_CPU_BF16=0/1 forces the choice."""
+    def _choose_cpu_bf16(self) -> tuple[bool, float | None]:
+        """(bf16 for frozen forward passes, the 64 px rate in the chosen precision if measured here).
+
+        On a CPU bf16 is used when measured clearly faster (CPUs without bf16 units emulate it, slower);
+        AUTODL_CPU_BF16=0/1 forces the choice."""
         if self.device.type != "cpu":
-            return False
+            return False, None
         forced = os.environ.get("AUTODL_CPU_BF16")
         if forced in ("0", "1"):
-            return forced == "1"
+            return forced == "1", None
         x = torch.randn(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+        fp32 = self._forward_rate(x, False)
         try:
-            fp32, bf16 = self._forward_rate(x, False), self._forward_rate(x, True)
+            bf16 = self._forward_rate(x, True)
         except Exception:  # no bf16 kernels on this build/CPU
-            return False
+            return False, fp32
         log.info("frozen forward at 64 px: fp32 %.0f img/s, bf16 %.0f img/s", fp32, bf16)
-        return bf16 > 1.2 * fp32
+        return (True, bf16) if bf16 > 1.2 * fp32 else (False, fp32)
 
     def _feature_rate(self, size) -> float:
         """Images/s of feature extraction at `size`, scaled from the warm-up measurements by pixel count."""
@@ -265,10 +271,11 @@ class Solver:
         self.stage = "probe"
 
     def _all_classes_seen(self) -> bool:
-        """Single-label: every class has an example. Multi-label data is not asked (rare labels may never show)."""
-        if self.profile.multilabel or self.train_y is None or len(self.train_y) == 0:
+        """Single-label: every class has an example (the label prior kept by the profile as data is read).
+        Multi-label data is not asked (rare labels may never show)."""
+        if self.train_x is None or self.profile.multilabel or self.profile.class_prior is None:
             return True
-        return bool((self.train_y.max(axis=0) > 0).all())
+        return bool((self.profile.class_prior > 0).all())
 
     def _fit_thumbnail_head(self):
         """Raw-pixel head: instant, and on simple data (digits) already strong; refitted as data grows."""
