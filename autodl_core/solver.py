@@ -450,9 +450,57 @@ class Solver:
         self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
         if top_mode:
             self.train_cache.ensure(self.train_x, self.val_idx)
-        self._rescore_candidates_on_full_val()
+        self._rescore_candidates_on_full_val()  # the probe's candidates, on the probe-size caches
+        if top_mode and cfg.finetune_resolution > 0:
+            self._top_finetune_resolution(deadline)
         self._start_schedule(deadline)
         return True
+
+    def _top_finetune_resolution(self, deadline: float):
+        """Top mode with its own fine-tuning resolution: the probe's early predictions at the cheap
+        probe size, the fine-tuned top at the larger one (caches rebuilt), when time allows.
+
+        Why: at 96 px instead of 64 the fine-tuned top ends clearly better on photos (final NAUC
+        peta 0.58 vs 0.54, cifar10 0.976 vs 0.974), but a 96 px probe predicts seconds later, which
+        ALC punishes most. Only once the probe's test predictions are made: the caches holding its
+        features are dropped.
+        """
+        new_size = working_size(self.profile.storage_hw, self.config.finetune_resolution)
+        if tuple(new_size) == tuple(self.ft_size):
+            return
+        if self.test_features is None:
+            log.info("fine-tuning stays at %s: the probe's test predictions are not made yet", self.ft_size)
+            return
+        if not self._resize_affordable(new_size, deadline):
+            return
+        self._pending_fn = None  # the probe's predictor needs the probe-size caches: not any more
+        self.ft_size = new_size
+        self._rebuild_top_caches(new_size, deadline)
+
+    def _first_share(self, size) -> int:
+        """Training examples whose activations are cached at once on a resize (~5 s of feature time)."""
+        return min(len(self.fit_idx), int(max(1.0, self._feature_rate(size)) * 5))
+
+    def _resize_affordable(self, new_size, deadline: float) -> bool:
+        """Fine-tuning at `new_size` only when its new caches (top mode: validation, test and a first
+        share of the training set) cost at most half of the time left and leave 30 s of training."""
+        rate = max(1.0, self._feature_rate(new_size))
+        top_mode = self.strategy == "finetune_top"
+        cache_cost = (len(self.val_idx) + len(self.test_x) + self._first_share(new_size)) / rate if top_mode else 0.0
+        time_left = deadline - time.monotonic() - self._ft_test_cost()
+        if cache_cost > 0.5 * time_left or time_left - cache_cost < 30:
+            log.info("resolution %s -> %s: no time (caches %.0fs, %.0fs left)", self.ft_size, new_size,
+                     cache_cost, time_left)
+            return False
+        log.info("resolution %s -> %s (caches ~%.0fs, %.0fs left)", self.ft_size, new_size, cache_cost, time_left)
+        return True
+
+    def _rebuild_top_caches(self, new_size, deadline: float):
+        self._ensure_caches(new_size)  # new train/test caches; the probe's features are not needed any more
+        self.train_cache.ensure(self.train_x, self.val_idx)
+        self.test_cache.ensure(self.test_x, np.arange(len(self.test_x)), deadline=deadline - 30)
+        self.train_cache.ensure(self.train_x, self.fit_idx[:max(self._first_share(new_size), self.config.batch_size)],
+                                deadline=deadline - 30)
 
     def _new_tuner(self, model: Classifier, lr: float):
         cfg = self.config
@@ -669,17 +717,9 @@ class Solver:
         new_size = working_size(self.profile.storage_hw, min(target, cfg.max_resolution))
         if min(new_size) <= min(self.ft_size):
             return False
-        rate = max(1.0, self._feature_rate(new_size))
-        top_mode = self.strategy == "finetune_top"
-        n_first = min(len(self.fit_idx), int(rate * 5))
-        cache_cost = (len(self.val_idx) + len(self.test_x) + n_first) / rate if top_mode else 0.0
-        time_left = deadline - time.monotonic() - self._ft_test_cost()
-        if cache_cost > 0.5 * time_left or time_left - cache_cost < 30:
-            log.info("resolution %s -> %s: no time (caches %.0fs, %.0fs left)", self.ft_size, new_size,
-                     cache_cost, time_left)
+        if not self._resize_affordable(new_size, deadline):
             self._growth_refused_at = self.ft_size  # time only shrinks: do not ask again at this size
             return False
-        log.info("resolution %s -> %s (caches ~%.0fs, %.0fs left)", self.ft_size, new_size, cache_cost, time_left)
         model = copy.deepcopy(self.tuner.ema)  # the EMA copy has requires_grad off: the new tuner re-freezes
         model.load_state_dict(self._ft_best_state)
         for p in model.parameters():
@@ -687,12 +727,8 @@ class Solver:
         lr = self.tuner.base_lrs[-1] * 0.5
         self._growths += 1
         self.ft_size = new_size
-        if top_mode:
-            self._ensure_caches(new_size)  # new train/test caches; the probe's features are not needed any more
-            self.train_cache.ensure(self.train_x, self.val_idx)
-            self.test_cache.ensure(self.test_x, np.arange(len(self.test_x)), deadline=deadline - 30)
-            self.train_cache.ensure(self.train_x, self.fit_idx[:max(n_first, self.config.batch_size)],
-                                    deadline=deadline - 30)
+        if self.strategy == "finetune_top":
+            self._rebuild_top_caches(new_size, deadline)
         self._new_tuner(model, lr)
         self.slice_seconds = max(self.config.first_slice_seconds, 0.1 * time_left)
         self._start_schedule(deadline)

@@ -396,5 +396,10 @@ def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, m
         assert [(r.dataset_id, r.pipeline_id, r.alc, r.study) for r in runs] == \
             [("dsa", probe.pipeline_id(), 0.5, "bench:kit")]
         assert runs[0].hardware == "cpu2" and runs[0].code_version == "abc1234"
+    # the same rows again replace the run; under another seed they are a replicate beside it
+    assert mt.import_bench(results, store_path, with_data_features=False, log=lambda *_: None) == 1
+    assert mt.import_bench(results, store_path, with_data_features=False, seed=1, log=lambda *_: None) == 1
+    with Store(store_path, readonly=True) as store:
+        assert sorted(r.seed for r in store.runs()) == [0, 1]
     with pytest.raises(UserInputError, match="not found"):
         mt.import_bench(tmp_path / "nope.jsonl", store_path, with_data_features=False)

@@ -209,6 +209,31 @@ def test_resolution_growth_and_flip_tta_keep_valid_predictions():
     assert not torch.allclose(flipped, plain)
 
 
+def test_top_mode_finetunes_at_its_own_resolution_after_the_probe():
+    """finetune_resolution in top mode: the probe predicts at the cheap size, the top is tuned at the larger."""
+    x_tr, y_tr, x_te, y_te = digits_task()
+    # digits saturate validation: one stale slice ends fine-tuning (no growth), so the run is short
+    config = PipelineConfig(strategy="finetune_top", finetune_resolution=64, first_slice_seconds=2.0,
+                            patience_slices=1, max_resolution_growths=0)
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), config)
+    train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+    start, history = time.monotonic(), []
+    # A generous remaining budget: the switch needs time for its new caches (keeping to the budget is
+    # tested above).
+    while solver.tuner is None and not solver.done_training and time.monotonic() - start < 120:
+        solver.train(train_ds, 200)
+        history.append(solver.test(test_ds, 200))
+    assert solver.probe_size == (48, 48), solver.probe_size  # 8 px digits: probe at the profile's 48 px
+    assert solver.tuner is not None and solver.ft_size == (64, 64), solver.ft_size
+    assert solver.test_cache.size == (64, 64) and solver.train_cache.size == (64, 64)
+    assert "probe" in [c.name for c in solver.candidates]
+    assert all(p.shape == (len(x_te), 10) and np.isfinite(p).all() for p in history)
+    solver._ft_val_probs = solver._predict_val(None)
+    probs = solver._predict_finetune(time.monotonic() + 60)  # a fine-tuned checkpoint at 64 px
+    assert any(c.name.startswith("finetune@64x64") for c in solver.candidates)
+    assert probs.shape == (len(x_te), 10) and nauc(y_te, probs) > 0.9
+
+
 def test_full_finetune_path_runs_on_cpu_with_growth_and_flip():
     """strategy "finetune" (the GPU default: whole network on images, augmentation) works end to end on a CPU."""
     x_tr, y_tr, x_te, y_te = digits_task()

@@ -547,13 +547,15 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
 
 
 def import_bench(results_path, store_path, with_data_features: bool = True, landmark_backbone: str | None = None,
-                 log=print) -> int:
+                 seed: int = 0, log=print) -> int:
     """Store the runs of `tools bench` (OUT/results.jsonl): our solver's rows whose logged pipeline is known.
 
     A bench row is the same measurement as a meta-training run (one solver, one dataset, one budget,
     scored by the same ALC), so the bench's runs of the solver need not be run again. Rows are taken
     only when the ingestion log named the pipeline (bench records it) and that pipeline is in the
     portfolio or the store, and only on the machine type the bench ran on (same CPU count / device).
+    A run is keyed by dataset, pipeline, budget, seed and machine type: importing a rerun under the
+    same `seed` replaces the earlier one; a replicate needs its own `seed`.
     """
     from meta_db.metafeatures import hardware_profile
     from meta_db.portfolio import PORTFOLIO
@@ -596,7 +598,7 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
             store.record_run(run_record(
                 row, dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
                 hardware=hardware["key"], hardware_info=hardware, tf_mode=row.get("tf_mode", "graph"),
-                code_version=row.get("code_version"), finished_at=row.get("finished_at"),
+                seed=int(seed), code_version=row.get("code_version"), finished_at=row.get("finished_at"),
                 study=f"bench:{row.get('judge')}", worker=row["solver"]))
             imported += 1
             log(f"[import] {what}: {name} ALC {row.get('alc'):.4f}")
@@ -699,8 +701,9 @@ def _cli(args) -> int:
         return 0
     if args.import_bench:
         n = import_bench(args.import_bench, store_path, with_data_features=not args.no_data_features,
-                         landmark_backbone=None if args.no_data_features else args.landmark_backbone)
-        print(f"{n} bench run(s) stored in {store_path}")
+                         landmark_backbone=None if args.no_data_features else args.landmark_backbone,
+                         seed=args.seed)
+        print(f"{n} bench run(s) stored in {store_path} (seed {args.seed})")
         return 0
     if (args.evaluate or args.drop_study or args.lodo_stores) and not store_path.is_file():
         raise UserInputError(f"store not found: {store_path}")  # these modes read an existing store
@@ -777,7 +780,9 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="run folders, default storage (default %(default)s)")
     parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
-    parser.add_argument("--seed", type=int, default=0, help="seed recorded with the runs (AUTODL_SEED)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed recorded with the runs (AUTODL_SEED); with --import-bench, a replicate's seed "
+                             "(importing under the same seed replaces the run)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun tasks whose harness failed before")
     parser.add_argument("--init-limit", type=float, default=1200.0, help="seconds allowed for Model.__init__")
     parser.add_argument("--code-dir", default=str(REPO_ROOT), help="folder with the model.py to run "
