@@ -20,7 +20,9 @@ ID_BASELINE = {"top_lr": 0.002, "first_chunk_seconds": 1.5}
 @dataclass(frozen=True)
 class PipelineConfig:
     backbone: str = "mobilenetv2_100"
-    # Resolutions (shorter side, pixels) for the frozen probe and fine-tuning; 0 = decided from the data.
+    # Resolutions (shorter side, pixels) for the frozen probe and fine-tuning; 0 = decided from the data
+    # (fine-tuning: the probe's size in top mode). A top-mode finetune_resolution other than the probe's
+    # rebuilds the trunk-activation caches at it once the probe has predicted.
     probe_resolution: int = 0
     finetune_resolution: int = 0
     max_resolution: int = 128

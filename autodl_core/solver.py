@@ -717,6 +717,7 @@ class Solver:
         new_size = working_size(self.profile.storage_hw, min(target, cfg.max_resolution))
         if min(new_size) <= min(self.ft_size):
             return False
+        time_left = deadline - time.monotonic() - self._ft_test_cost()
         if not self._resize_affordable(new_size, deadline):
             self._growth_refused_at = self.ft_size  # time only shrinks: do not ask again at this size
             return False

@@ -403,3 +403,27 @@ def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, m
         assert sorted(r.seed for r in store.runs()) == [0, 1]
     with pytest.raises(UserInputError, match="not found"):
         mt.import_bench(tmp_path / "nope.jsonl", store_path, with_data_features=False)
+
+
+def test_import_bench_skips_runs_the_machine_was_busy_during(tmp_path, datasets, monkeypatch):
+    from meta_db.portfolio import PORTFOLIO
+    from meta_db.selector import choice_log_line
+    from tools.bench import pipeline_used
+
+    monkeypatch.setattr("meta_db.metafeatures.hardware_profile", lambda *a, **k: dict(HARDWARE))
+    probe = PORTFOLIO["mnv2-probe"]
+    rows = []
+    for i, (dataset, background) in enumerate([("dsa", 0.01), ("dsb", 0.30)]):
+        run_out = tmp_path / "bench" / f"run{i}"
+        run_out.mkdir(parents=True)
+        (run_out / "ingestion.log").write_text("x model INFO: " + choice_log_line(probe, "forced") + "\n")
+        rows.append({"solver": "ours", "dataset": dataset, "time_budget": 300.0, "judge": "kit", "tf_mode": "graph",
+                     "status": "ok", "alc": 0.5, "final_nauc": 0.9, "n_predictions": 1, "timestamps": [1.0],
+                     "naucs": [0.9], "time_to_first_prediction": 1.0, "peak_rss_bytes": 10, "wall_time": 300.0,
+                     "dataset_dir": str(datasets / dataset), "code_version": "abc1234",
+                     "hardware": "x86_64 2 cpu, 24 GiB", "background_cpu": background, **pipeline_used(run_out)})
+    results = tmp_path / "bench" / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages = []
+    assert mt.import_bench(results, tmp_path / "store.sqlite", with_data_features=False, log=messages.append) == 1
+    assert any("skip ours on dsb" in m and "30%" in m for m in messages), messages

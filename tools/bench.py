@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from tools.contention import BACKGROUND_LIMIT, BackgroundWatch
 from tools.errors import UserInputError
 from tools.provenance import code_version
 from tools.shared_paths import REPO_ROOT, default_kit_run
@@ -218,12 +219,17 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
                 continue
             run_out = out_dir / "runs" / f"{dataset}__{solver.name.replace(':', '_').replace('/', '_')}"
             log(f"[bench] {solver.name} on {dataset} (T={time_budget:g}s, judge={row_judge}, tf={tf_mode}) ...")
-            if row_judge == "kit":
-                code = solver.kit_path or str(solver.code_dir)
-                result = run_kit_judge(code, dataset_dir, time_budget, run_out, tf_mode, kit_run, kit_git,
-                                       no_copy_code=not solver.is_kit)
-            else:
-                result = run_local_judge(solver.code_dir, dataset_dir, time_budget, run_out, tf_mode)
+            with BackgroundWatch() as watch:
+                if row_judge == "kit":
+                    code = solver.kit_path or str(solver.code_dir)
+                    result = run_kit_judge(code, dataset_dir, time_budget, run_out, tf_mode, kit_run, kit_git,
+                                           no_copy_code=not solver.is_kit)
+                else:
+                    result = run_local_judge(solver.code_dir, dataset_dir, time_budget, run_out, tf_mode)
+            result["background_cpu"] = round(watch.share, 4)
+            if watch.share > BACKGROUND_LIMIT:
+                log(f"[bench]   warning: other processes used {watch.share:.0%} of the machine during this run; "
+                    f"its ALC is not comparable (and --import-bench skips it)")
             row = {"solver": solver.name, "dataset": dataset, "time_budget": float(time_budget), "judge": row_judge,
                    "tf_mode": tf_mode, **result, **({} if solver.is_kit else pipeline_used(run_out)), "dataset_dir": str(dataset_dir), "out_dir": str(run_out),
                    "code_version": versions[solver.name], "hardware": hardware,

@@ -553,7 +553,8 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
     A bench row is the same measurement as a meta-training run (one solver, one dataset, one budget,
     scored by the same ALC), so the bench's runs of the solver need not be run again. Rows are taken
     only when the ingestion log named the pipeline (bench records it) and that pipeline is in the
-    portfolio or the store, and only on the machine type the bench ran on (same CPU count / device).
+    portfolio or the store, only on the machine type the bench ran on (same CPU count / device), and
+    not when the bench saw other processes use more than BACKGROUND_LIMIT of the machine meanwhile.
     A run is keyed by dataset, pipeline, budget, seed and machine type: importing a rerun under the
     same `seed` replaces the earlier one; a replicate needs its own `seed`.
     """
@@ -561,6 +562,7 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
     from meta_db.portfolio import PORTFOLIO
     from meta_db.store import Store
     from tools.bench import load_results, row_key
+    from tools.contention import BACKGROUND_LIMIT
 
     results_path = Path(results_path)
     if not results_path.is_file():
@@ -577,6 +579,10 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
         for row in latest.values():
             what = f"{row['solver']} on {row['dataset']}"
             if row["solver"].startswith("kit:") or row.get("status") == "judge_failed":
+                continue
+            background = row.get("background_cpu")
+            if background is not None and background > BACKGROUND_LIMIT:
+                log(f"[import] skip {what}: other processes used {background:.0%} of the machine during it")
                 continue
             pipeline_id = row.get("pipeline_id")
             if pipeline_id not in known:
