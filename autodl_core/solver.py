@@ -471,7 +471,7 @@ class Solver:
         if self.test_features is None:
             log.info("fine-tuning stays at %s: the probe's test predictions are not made yet", self.ft_size)
             return
-        if not self._resize_affordable(new_size, deadline):
+        if self._resize_affordable(new_size, deadline) is None:
             return
         self._pending_fn = None  # the probe's predictor needs the probe-size caches: not any more
         self.ft_size = new_size
@@ -481,9 +481,10 @@ class Solver:
         """Training examples whose activations are cached at once on a resize (~5 s of feature time)."""
         return min(len(self.fit_idx), int(max(1.0, self._feature_rate(size)) * 5))
 
-    def _resize_affordable(self, new_size, deadline: float) -> bool:
-        """Fine-tuning at `new_size` only when its new caches (top mode: validation, test and a first
-        share of the training set) cost at most half of the time left and leave 30 s of training."""
+    def _resize_affordable(self, new_size, deadline: float) -> float | None:
+        """The time left (after a test prediction) when fine-tuning at `new_size` is affordable, else None:
+        its new caches (top mode: validation, test and a first share of the training set) must cost at
+        most half of that time and leave 30 s of training."""
         rate = max(1.0, self._feature_rate(new_size))
         top_mode = self.strategy == "finetune_top"
         cache_cost = (len(self.val_idx) + len(self.test_x) + self._first_share(new_size)) / rate if top_mode else 0.0
@@ -491,9 +492,9 @@ class Solver:
         if cache_cost > 0.5 * time_left or time_left - cache_cost < 30:
             log.info("resolution %s -> %s: no time (caches %.0fs, %.0fs left)", self.ft_size, new_size,
                      cache_cost, time_left)
-            return False
+            return None
         log.info("resolution %s -> %s (caches ~%.0fs, %.0fs left)", self.ft_size, new_size, cache_cost, time_left)
-        return True
+        return time_left
 
     def _rebuild_top_caches(self, new_size, deadline: float):
         self._ensure_caches(new_size)  # new train/test caches; the probe's features are not needed any more
@@ -717,8 +718,8 @@ class Solver:
         new_size = working_size(self.profile.storage_hw, min(target, cfg.max_resolution))
         if min(new_size) <= min(self.ft_size):
             return False
-        time_left = deadline - time.monotonic() - self._ft_test_cost()
-        if not self._resize_affordable(new_size, deadline):
+        time_left = self._resize_affordable(new_size, deadline)
+        if time_left is None:
             self._growth_refused_at = self.ft_size  # time only shrinks: do not ask again at this size
             return False
         model = copy.deepcopy(self.tuner.ema)  # the EMA copy has requires_grad off: the new tuner re-freezes

@@ -362,33 +362,44 @@ def test_real_meta_train_end_to_end(tmp_path):
     assert config == PORTFOLIO["mnv2-probe"] and "tiny" in reason
 
 
-def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, monkeypatch):
-    from meta_db.portfolio import PORTFOLIO
+def write_bench_results(out, datasets, specs) -> "Path":
+    """OUT/results.jsonl with one `tools bench` row per spec (solver, dataset, config; optional hardware
+    and background_cpu); a config's choice is written to the run's ingestion log, as model.py logs it."""
     from meta_db.selector import choice_log_line
     from tools.bench import pipeline_used
 
-    monkeypatch.setattr("meta_db.metafeatures.hardware_profile", lambda *a, **k: dict(HARDWARE))
-    probe = PORTFOLIO["mnv2-probe"]
     rows = []
-    for i, (solver, dataset, config, hardware) in enumerate([
-            ("ours", "dsa", probe, "x86_64 2 cpu, 24 GiB"),
-            ("ours", "dsb", PipelineConfig(lr=0.123), "x86_64 2 cpu, 24 GiB"),  # unknown pipeline
-            ("ours", "dsb__c3-r1", probe, "x86_64 16 cpu, 128 GiB"),  # another machine type
-            ("kit:linear", "dsa", None, "x86_64 2 cpu, 24 GiB")]):
-        run_out = tmp_path / "bench" / f"run{i}"
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        config = spec.pop("config")
+        run_out = out / f"run{i}"
         run_out.mkdir(parents=True)
-        row = {"solver": solver, "dataset": dataset, "time_budget": 300.0, "judge": "kit", "tf_mode": "graph",
-               "status": "ok", "alc": 0.5 + i / 10, "final_nauc": 0.9, "n_predictions": 2, "timestamps": [1.0, 9.0],
-               "naucs": [0.4, 0.9], "time_to_first_prediction": 1.0, "peak_rss_bytes": 10, "wall_time": 300.0,
-               "dataset_dir": str(datasets / dataset), "code_version": "abc1234", "hardware": hardware}
+        row = {"time_budget": 300.0, "judge": "kit", "tf_mode": "graph", "status": "ok", "alc": 0.5 + i / 10,
+               "final_nauc": 0.9, "n_predictions": 2, "timestamps": [1.0, 9.0], "naucs": [0.4, 0.9],
+               "time_to_first_prediction": 1.0, "peak_rss_bytes": 10, "wall_time": 300.0,
+               "dataset_dir": str(datasets / spec["dataset"]), "code_version": "abc1234",
+               "hardware": "x86_64 2 cpu, 24 GiB", **spec}
         if config is not None:
             (run_out / "ingestion.log").write_text(
                 "2026-11-29 04:03:12,671 model INFO: " + choice_log_line(config, "forced by X") + "\nmore\n")
             row.update(pipeline_used(run_out))
             assert row["pipeline_id"] == config.pipeline_id()
         rows.append(row)
-    results = tmp_path / "bench" / "results.jsonl"
+    results = out / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return results
+
+
+def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, monkeypatch):
+    from meta_db.portfolio import PORTFOLIO
+
+    monkeypatch.setattr("meta_db.metafeatures.hardware_profile", lambda *a, **k: dict(HARDWARE))
+    probe = PORTFOLIO["mnv2-probe"]
+    results = write_bench_results(tmp_path / "bench", datasets, [
+        dict(solver="ours", dataset="dsa", config=probe),
+        dict(solver="ours", dataset="dsb", config=PipelineConfig(lr=0.123)),  # unknown pipeline
+        dict(solver="ours", dataset="dsb__c3-r1", config=probe, hardware="x86_64 16 cpu, 128 GiB"),  # other machine
+        dict(solver="kit:linear", dataset="dsa", config=None)])
     store_path = tmp_path / "store.sqlite"
     assert mt.import_bench(results, store_path, with_data_features=False, log=lambda *_: None) == 1
     with Store(store_path, readonly=True) as store:
@@ -407,23 +418,12 @@ def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, m
 
 def test_import_bench_skips_runs_the_machine_was_busy_during(tmp_path, datasets, monkeypatch):
     from meta_db.portfolio import PORTFOLIO
-    from meta_db.selector import choice_log_line
-    from tools.bench import pipeline_used
 
     monkeypatch.setattr("meta_db.metafeatures.hardware_profile", lambda *a, **k: dict(HARDWARE))
     probe = PORTFOLIO["mnv2-probe"]
-    rows = []
-    for i, (dataset, background) in enumerate([("dsa", 0.01), ("dsb", 0.30)]):
-        run_out = tmp_path / "bench" / f"run{i}"
-        run_out.mkdir(parents=True)
-        (run_out / "ingestion.log").write_text("x model INFO: " + choice_log_line(probe, "forced") + "\n")
-        rows.append({"solver": "ours", "dataset": dataset, "time_budget": 300.0, "judge": "kit", "tf_mode": "graph",
-                     "status": "ok", "alc": 0.5, "final_nauc": 0.9, "n_predictions": 1, "timestamps": [1.0],
-                     "naucs": [0.9], "time_to_first_prediction": 1.0, "peak_rss_bytes": 10, "wall_time": 300.0,
-                     "dataset_dir": str(datasets / dataset), "code_version": "abc1234",
-                     "hardware": "x86_64 2 cpu, 24 GiB", "background_cpu": background, **pipeline_used(run_out)})
-    results = tmp_path / "bench" / "results.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = write_bench_results(tmp_path / "bench", datasets, [
+        dict(solver="ours", dataset="dsa", config=probe, background_cpu=0.01),
+        dict(solver="ours", dataset="dsb", config=probe, background_cpu=0.30)])
     messages = []
     assert mt.import_bench(results, tmp_path / "store.sqlite", with_data_features=False, log=messages.append) == 1
     assert any("skip ours on dsb" in m and "30%" in m for m in messages), messages
