@@ -47,7 +47,8 @@ class LodoRow:
 
 
 def best_fixed(knowledge: Knowledge, candidates: set[str] | None = None) -> str | None:
-    """The pipeline with the best mean ALC, among those measured on at least half of the datasets.
+    """The pipeline with the best mean ALC, among those measured on at least half of the datasets;
+    means weigh each family once (a corpus dataset and its variants share one weight).
 
     Means are taken over the datasets every such pipeline was measured on, so that a pipeline run
     only on easy datasets does not look better than one also run on hard ones (falls back to each
@@ -65,10 +66,12 @@ def best_fixed(knowledge: Knowledge, candidates: set[str] | None = None) -> str 
         return None
     columns = knowledge.alc[:, [j for j, _ in eligible]]
     common = ~np.isnan(columns).any(axis=1)
+    weights = knowledge.family_weights()  # each family counts once, whatever its number of variants
     best, best_score = None, -math.inf
     for k, (_, pipeline_id) in enumerate(eligible):
         column = columns[:, k]
-        score = float(column[common].mean() if common.any() else np.nanmean(column))
+        rows = common if common.any() else ~np.isnan(column)
+        score = float((weights[rows] * column[rows]).sum() / weights[rows].sum())
         if score > best_score + 1e-12:
             best, best_score = pipeline_id, score
     return best

@@ -9,7 +9,8 @@ metadata meta-features.
   runs of one stratum (the hardware kind of this machine, the time budget closest to the expected
   one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each entry
   becomes its gap to the best pipeline of its dataset (0 for the best, negative otherwise); the
-  k nearest datasets (z-scored `zero_shot_vector`, distance-weighted) vote with their gaps; the
+  k nearest families (each through its dataset nearest to the query; z-scored `zero_shot_vector`,
+  distance-weighted) vote with their gaps; the
   smallest expected gap wins. Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
   would let a 0.0005 difference on a saturated dataset (noise) outvote a 0.05 one elsewhere.
   AUTODL_SELECTOR=ridge (or DEFAULT_SELECTOR) predicts each gap with a ridge regression instead
@@ -115,6 +116,18 @@ class Knowledge:
         if dof < MIN_NOISE_DOF:
             return NOISE_SD_PRIOR
         return float(math.sqrt(np.nansum(self.sq_dev) / dof))
+
+    def family_weights(self) -> np.ndarray:
+        """Per dataset, 1 / (datasets of its family here): each corpus family counts once in a mean.
+
+        Variants are derived from one corpus dataset, not new evidence: without this, a family given
+        four variants outvoted one given none in "best on average" (stop 12: the photo families' variants
+        made mnv2-top-f96 the incumbent, and the noise guard then kept it for pneumoniamnist).
+        """
+        sizes: dict = {}
+        for family in self.families:
+            sizes[family] = sizes.get(family, 0) + 1
+        return np.array([1.0 / sizes[f] for f in self.families], dtype=np.float64)
 
     def without_family(self, family: str) -> "Knowledge":
         return self.subset(np.array([f != family for f in self.families], dtype=bool))
@@ -225,6 +238,18 @@ def gap_rows(alc: np.ndarray) -> np.ndarray:
     return out
 
 
+def comparative_rows(alc: np.ndarray) -> np.ndarray:
+    """The datasets that can teach a choice: those with two or more measured pipelines.
+
+    A dataset with one measured pipeline gives it a gap of 0, "the best", whatever it is: as a
+    neighbour it voted for that pipeline with nothing to compare (the kit's two sample datasets,
+    measured with one old pipeline, made peta pick it at k = 1-2 and cost 0.033 there). Only when no
+    dataset has two are all measured datasets kept, so the fallback still knows what was run.
+    """
+    measured = (~np.isnan(alc)).sum(axis=1) if alc.size else np.zeros(len(alc), dtype=int)
+    return measured >= 2 if np.any(measured >= 2) else measured >= 1
+
+
 def best_first(scores: dict, tiebreak: dict) -> list[tuple[str, float]]:
     """(pipeline, expected gap) best first; equal gaps go to the better `tiebreak` (a mean gap), then the id."""
     return sorted(scores.items(), key=lambda kv: (-kv[1], -tiebreak.get(kv[0], 0.0), kv[0]))
@@ -237,8 +262,7 @@ class GapSelector:
     """
 
     def __init__(self, knowledge: Knowledge):
-        keep = ~np.all(np.isnan(knowledge.alc), axis=1) if len(knowledge.dataset_ids) else np.zeros(0, bool)
-        self.knowledge = knowledge.subset(keep)
+        self.knowledge = knowledge.subset(comparative_rows(knowledge.alc))
         kn = self.knowledge
         self.empty = len(kn.dataset_ids) == 0 or len(kn.pipeline_ids) == 0
         if self.empty:
@@ -256,7 +280,7 @@ class GapSelector:
             self.max_distance = max(3.0, 2.0 * float(nn.max()))
         else:
             self.max_distance = 3.0
-        self.global_scores = self._aggregate(np.ones(len(self.z)), np.arange(len(self.z)))
+        self.global_scores = self._aggregate(kn.family_weights(), np.arange(len(self.z)))
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return np.clip((x - self.mean) / self.std, -Z_CLIP, Z_CLIP)
@@ -322,7 +346,7 @@ class GapSelector:
 
 
 class NearestNeighbourSelector(GapSelector):
-    """The k nearest stored datasets (distance-weighted) vote with their ALC gaps.
+    """The k nearest stored families (distance-weighted) vote with their ALC gaps.
 
     Noise guard: the pipeline best on average over the store (the incumbent) is displaced only when
     the neighbours' paired advantage of the challenger exceeds one standard error of run-to-run noise
@@ -338,11 +362,27 @@ class NearestNeighbourSelector(GapSelector):
             self.counts = self.knowledge.run_counts()
 
     def _scores(self, vector, distances, candidates):
-        order = np.argsort(distances, kind="stable")[: self.k]
+        order = self.nearest_families(distances)
         weights = 1.0 / (distances[order] + 0.25)
         neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
         return self._aggregate(weights, order, candidates), {"mode": "neighbours", "neighbours": neighbours,
                                                              "rows": order, "weights": weights}
+
+    def nearest_families(self, distances: np.ndarray) -> np.ndarray:
+        """Rows of the k nearest families, each through its dataset nearest to the query.
+
+        A family's variants cover more of the feature space (the nearest one speaks for it) but are not
+        more votes: with k datasets, one family's four variants filled a neighbourhood on their own.
+        """
+        rows, seen = [], set()
+        for i in np.argsort(distances, kind="stable"):
+            family = self.knowledge.families[i]
+            if family not in seen:
+                seen.add(family)
+                rows.append(i)
+                if len(rows) == self.k:
+                    break
+        return np.array(rows, dtype=int)
 
     def rank(self, vector, candidates=None):
         ranking, info = super().rank(vector, candidates)
@@ -409,6 +449,7 @@ class RidgeGapSelector(GapSelector):
         kn = self.knowledge
         self.teach = (~np.isnan(kn.alc)).sum(axis=1) >= 2
         self.low, self.high = kn.features.min(axis=0), kn.features.max(axis=0)
+        self.sample_weights = kn.family_weights()
         self.lam = float(lam) if lam is not None else self._tune_lambda()
         self.models = self._fit(np.flatnonzero(self.teach), self.lam)
 
@@ -420,14 +461,16 @@ class RidgeGapSelector(GapSelector):
             seen = ~np.isnan(gaps)
             if not seen.any() or seen.sum() < MIN_COVERAGE * len(rows) - 1e-12:
                 continue
-            z, y = self.z[rows][seen], gaps[seen]
-            centre = z.mean(axis=0)
+            z, y, w = self.z[rows][seen], gaps[seen], self.sample_weights[rows][seen]
+            w = w * (len(w) / w.sum())  # each family's datasets share one family's weight; mean weight 1
+            centre = (w[:, None] * z).sum(axis=0) / w.sum()
+            mean = float((w * y).sum() / w.sum())
             if math.isinf(lam) or len(y) < 2:
                 weights = np.zeros(z.shape[1])
             else:
                 zc = z - centre
-                weights = np.linalg.solve(zc.T @ zc + lam * np.eye(z.shape[1]), zc.T @ (y - y.mean()))
-            models[pipeline_id] = (float(y.mean()), centre, weights)
+                weights = np.linalg.solve(zc.T @ (w[:, None] * zc) + lam * np.eye(z.shape[1]), zc.T @ (w * (y - mean)))
+            models[pipeline_id] = (mean, centre, weights)
         return models
 
     @staticmethod
@@ -455,9 +498,12 @@ class RidgeGapSelector(GapSelector):
             for train_rows, held in folds:
                 models = self._fit(train_rows, lam)
                 intercepts = {p: b for p, (b, _, _) in models.items()}  # the fold's mean gaps: `rank`'s tie-break
+                family_lost = []
                 for i in held:
                     ranking = best_first(self._predict(models, self.z[i], measured[i]), intercepts)
-                    lost.append(-self.gaps[i, column[ranking[0][0]]] if ranking else np.nan)
+                    family_lost.append(-self.gaps[i, column[ranking[0][0]]] if ranking else np.nan)
+                # one number per family (its datasets' mean): a family's variants are not more folds
+                lost.append(np.nan if np.all(np.isnan(family_lost)) else float(np.nanmean(family_lost)))
             losses[lam] = np.array(lost)
         if all(np.all(np.isnan(lost)) for lost in losses.values()):
             return math.inf  # no held-out dataset could be scored: nothing to tune on

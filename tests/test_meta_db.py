@@ -482,3 +482,58 @@ def test_neighbours_keep_the_best_pipeline_on_average_against_a_lead_within_nois
     clean = _near_tie_store(tmp_path / "clean.sqlite", 0.001, 0.0002)
     config, reason = sel.select_pipeline(query, store=clean)
     assert config == A and "noise" not in reason, reason
+
+
+def test_a_dataset_with_one_measured_pipeline_does_not_vote(synthetic_store):
+    # right where the query is, a dataset measured with C alone: its "gap 0" compares C with nothing
+    with Store(synthetic_store) as store:
+        add_dataset(store, "lonely", features(1500, 10, 28, 1), {C: 0.40})
+    knowledge = sel.load_knowledge(synthetic_store)
+    assert "lonely" in knowledge.dataset_ids
+    query = zero_shot_vector(features(1500, 10, 28, 1))
+    for method in ("knn", "ridge"):
+        selector = sel.make_selector(knowledge, method, k=1)
+        assert "lonely" not in selector.knowledge.dataset_ids
+        assert selector.choose(query)[0] == A.pipeline_id(), method
+    # with no comparison anywhere, what was run is still known (the fallback's ranking)
+    only_one = knowledge.subset(np.array([d == "lonely" for d in knowledge.dataset_ids]))
+    assert sel.comparative_rows(only_one.alc).tolist() == [True]
+    assert sel.NearestNeighbourSelector(only_one).choose(query)[0] == C.pipeline_id()
+
+
+def _variant_heavy_store(path):
+    """Family "big" has four variants and prefers B; three single-dataset families prefer A."""
+    with Store(path) as store, store.batch():
+        for name, config in PORTFOLIO.items():
+            store.upsert_pipeline(config, name)
+        add_dataset(store, "big", features(40000, 5, 64, 3), {A: 0.70, B: 0.90}, family="big")
+        for i in range(4):
+            add_dataset(store, f"big__v{i}", features(4000 + 1000 * i, 5, 64, 3), {A: 0.70, B: 0.90},
+                        family="big", parent="big")
+        for i in range(3):
+            add_dataset(store, f"small{i}", features(1000 + 500 * i, 10, 28, 1), {A: 0.90, B: 0.80},
+                        family=f"small{i}")
+    return path
+
+
+def test_each_family_counts_once_whatever_its_variants(tmp_path):
+    knowledge = sel.load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
+    weights = dict(zip(knowledge.dataset_ids, knowledge.family_weights()))
+    assert weights["big"] == weights["big__v0"] == pytest.approx(0.2) and weights["small0"] == 1.0
+    # per dataset B would be best on average (5 x +0.20 against 3 x -0.10); per family A is (3 x 0.10 against 0.20)
+    assert best_fixed(knowledge) == A.pipeline_id()
+    selector = sel.NearestNeighbourSelector(knowledge, k=2)
+    assert sel.best_first(selector.global_scores, {})[0][0] == A.pipeline_id()
+    # the k nearest are families: a query among the variants hears "big" once and the nearest small family
+    ranking, info = selector.rank(zero_shot_vector(features(5000, 5, 64, 3)))
+    families = [d.split("__")[0] for d, _ in info["neighbours"]]
+    assert len(info["neighbours"]) == 2 and families[0] == "big" and families[1].startswith("small"), families
+    assert ranking[0][0] == B.pipeline_id()  # the nearest family, much nearer, still decides
+
+
+def test_ridge_weighs_families_not_datasets(tmp_path):
+    knowledge = sel.load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
+    selector = sel.RidgeGapSelector(knowledge, lam=math.inf)  # no trend: the family-weighted mean gaps
+    b_a, _, _ = selector.models[A.pipeline_id()]
+    b_b, _, _ = selector.models[B.pipeline_id()]
+    assert b_a == pytest.approx((3 * 0.0 - 0.20) / 4) and b_b == pytest.approx((3 * -0.10 + 0.0) / 4)
