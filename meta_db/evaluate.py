@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meta_db.selector import DEFAULT_K, DEFAULT_SELECTOR, Knowledge, make_selector
+from meta_db.selector import DEFAULT_K, DEFAULT_SELECTOR, Knowledge, best_fixed, make_selector  # noqa: F401
 
 
 @dataclass
@@ -44,37 +44,6 @@ class LodoRow:
     @property
     def regret_fixed(self) -> float:
         return self.oracle_alc - self.fixed_alc
-
-
-def best_fixed(knowledge: Knowledge, candidates: set[str] | None = None) -> str | None:
-    """The pipeline with the best mean ALC, among those measured on at least half of the datasets;
-    means weigh each family once (a corpus dataset and its variants share one weight).
-
-    Means are taken over the datasets every such pipeline was measured on, so that a pipeline run
-    only on easy datasets does not look better than one also run on hard ones (falls back to each
-    pipeline's own mean when no dataset is common to all).
-    """
-    n = len(knowledge.dataset_ids)
-    eligible = []
-    for j, pipeline_id in enumerate(knowledge.pipeline_ids):
-        if candidates is not None and pipeline_id not in candidates:
-            continue
-        seen = ~np.isnan(knowledge.alc[:, j])
-        if seen.sum() > 0 and seen.sum() >= 0.5 * n:
-            eligible.append((j, pipeline_id))
-    if not eligible:
-        return None
-    columns = knowledge.alc[:, [j for j, _ in eligible]]
-    common = ~np.isnan(columns).any(axis=1)
-    weights = knowledge.family_weights()  # each family counts once, whatever its number of variants
-    best, best_score = None, -math.inf
-    for k, (_, pipeline_id) in enumerate(eligible):
-        column = columns[:, k]
-        rows = common if common.any() else ~np.isnan(column)
-        score = float((weights[rows] * column[rows]).sum() / weights[rows].sum())
-        if score > best_score + 1e-12:
-            best, best_score = pipeline_id, score
-    return best
 
 
 def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: str | None = None,

@@ -9,8 +9,8 @@ metadata meta-features.
   runs of one stratum (the hardware kind of this machine, the time budget closest to the expected
   one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each entry
   becomes its gap to the best pipeline of its dataset (0 for the best, negative otherwise); the
-  k nearest families (each through its dataset nearest to the query; z-scored `zero_shot_vector`,
-  distance-weighted) vote with their gaps; the
+  k nearest datasets (z-scored `zero_shot_vector`, distance-weighted; the neighbours of one family
+  share one family's vote) vote with their gaps; the
   smallest expected gap wins. Gaps, not [0, 1]-rescaled rows: the goal is mean ALC, and rescaling
   would let a 0.0005 difference on a saturated dataset (noise) outvote a 0.05 one elsewhere.
   AUTODL_SELECTOR=ridge (or DEFAULT_SELECTOR) predicts each gap with a ridge regression instead
@@ -117,23 +117,59 @@ class Knowledge:
             return NOISE_SD_PRIOR
         return float(math.sqrt(np.nansum(self.sq_dev) / dof))
 
-    def family_weights(self) -> np.ndarray:
-        """Per dataset, 1 / (datasets of its family here): each corpus family counts once in a mean.
+    def family_weights(self, rows=None) -> np.ndarray:
+        """For `rows` (default: all datasets), 1 / (datasets of the same family among those rows): each
+        corpus family counts once in a mean over them, whatever the number of its variants measured.
 
         Variants are derived from one corpus dataset, not new evidence: without this, a family given
         four variants outvoted one given none in "best on average" (stop 12: the photo families' variants
         made mnv2-top-f96 the incumbent, and the noise guard then kept it for pneumoniamnist).
         """
+        rows = np.arange(len(self.families)) if rows is None else np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        families = [self.families[i] for i in rows]
         sizes: dict = {}
-        for family in self.families:
+        for family in families:
             sizes[family] = sizes.get(family, 0) + 1
-        return np.array([1.0 / sizes[f] for f in self.families], dtype=np.float64)
+        return np.array([1.0 / sizes[f] for f in families], dtype=np.float64)
 
     def without_family(self, family: str) -> "Knowledge":
         return self.subset(np.array([f != family for f in self.families], dtype=bool))
 
     def label(self, pipeline_id: str) -> str:
         return self.names.get(pipeline_id) or pipeline_id
+
+
+def best_fixed(knowledge: "Knowledge", candidates: set[str] | None = None) -> str | None:
+    """The pipeline with the best mean ALC, among those measured on at least half of the datasets;
+    means weigh each family once (a corpus dataset and its variants share one weight).
+
+    Means are taken over the datasets every such pipeline was measured on, so that a pipeline run
+    only on easy datasets does not look better than one also run on hard ones (falls back to each
+    pipeline's own mean when no dataset is common to all).
+    """
+    n = len(knowledge.dataset_ids)
+    eligible = []
+    for j, pipeline_id in enumerate(knowledge.pipeline_ids):
+        if candidates is not None and pipeline_id not in candidates:
+            continue
+        seen = ~np.isnan(knowledge.alc[:, j])
+        if seen.sum() > 0 and seen.sum() >= 0.5 * n:
+            eligible.append((j, pipeline_id))
+    if not eligible:
+        return None
+    columns = knowledge.alc[:, [j for j, _ in eligible]]
+    common = ~np.isnan(columns).any(axis=1)
+    best, best_score = None, -math.inf
+    for k, (_, pipeline_id) in enumerate(eligible):
+        column = columns[:, k]
+        rows = common if common.any() else ~np.isnan(column)
+        weights = knowledge.family_weights(rows)  # each family counts once, whatever its number of variants
+        score = float((weights * column[rows]).sum() / weights.sum())
+        if score > best_score + 1e-12:
+            best, best_score = pipeline_id, score
+    return best
 
 
 def choose_stratum(strata: dict, device_kind: str, time_budget: float, cpu_count: int | None = None):
@@ -280,13 +316,14 @@ class GapSelector:
             self.max_distance = max(3.0, 2.0 * float(nn.max()))
         else:
             self.max_distance = 3.0
-        self.global_scores = self._aggregate(kn.family_weights(), np.arange(len(self.z)))
+        self.global_scores = self._aggregate(np.ones(len(self.z)), np.arange(len(self.z)), by_family=True)
 
     def _standardise(self, x: np.ndarray) -> np.ndarray:
         return np.clip((x - self.mean) / self.std, -Z_CLIP, Z_CLIP)
 
-    def _aggregate(self, weights: np.ndarray, rows: np.ndarray, candidates=None) -> dict:
-        """{pipeline_id: weighted mean ALC gap to the best} for pipelines covering enough of `rows`' weight."""
+    def _aggregate(self, weights: np.ndarray, rows: np.ndarray, candidates=None, by_family: bool = False) -> dict:
+        """{pipeline_id: weighted mean ALC gap to the best} for pipelines covering enough of `rows`' weight;
+        `by_family`: the datasets of one family that a pipeline was measured on share one family's weight."""
         scores = {}
         total = float(weights.sum())
         for j, pipeline_id in enumerate(self.knowledge.pipeline_ids):
@@ -297,7 +334,8 @@ class GapSelector:
             covered = float(weights[seen].sum())
             if not seen.any() or covered < MIN_COVERAGE * total - 1e-12:
                 continue
-            scores[pipeline_id] = float((weights[seen] * values[seen]).sum() / covered)
+            w = weights[seen] * (self.knowledge.family_weights(rows[seen]) if by_family else 1.0)
+            scores[pipeline_id] = float((w * values[seen]).sum() / w.sum())
         return scores
 
     def rank(self, vector: np.ndarray, candidates=None) -> tuple[list[tuple[str, float]], dict]:
@@ -346,9 +384,11 @@ class GapSelector:
 
 
 class NearestNeighbourSelector(GapSelector):
-    """The k nearest stored families (distance-weighted) vote with their ALC gaps.
+    """The k nearest stored datasets (distance-weighted; several of one family share its vote) vote with
+    their ALC gaps.
 
-    Noise guard: the pipeline best on average over the store (the incumbent) is displaced only when
+    Noise guard: the pipeline best on average over the store (the incumbent: `best_fixed`, the same
+    pipeline leave-one-dataset-out compares with) is displaced only when
     the neighbours' paired advantage of the challenger exceeds one standard error of run-to-run noise
     (the store's pooled replicate SD, `Knowledge.noise_sd`). Without it a difference of 0.0015 on one
     neighbour, below what reruns of one pipeline differ by, picks a pipeline that then loses.
@@ -362,37 +402,20 @@ class NearestNeighbourSelector(GapSelector):
             self.counts = self.knowledge.run_counts()
 
     def _scores(self, vector, distances, candidates):
-        order = self.nearest_families(distances)
+        order = np.argsort(distances, kind="stable")[: self.k]
         weights = 1.0 / (distances[order] + 0.25)
         neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
-        return self._aggregate(weights, order, candidates), {"mode": "neighbours", "neighbours": neighbours,
+        return self._aggregate(weights, order, candidates, by_family=True), {"mode": "neighbours", "neighbours": neighbours,
                                                              "rows": order, "weights": weights}
-
-    def nearest_families(self, distances: np.ndarray) -> np.ndarray:
-        """Rows of the k nearest families, each through its dataset nearest to the query.
-
-        A family's variants cover more of the feature space (the nearest one speaks for it) but are not
-        more votes: with k datasets, one family's four variants filled a neighbourhood on their own.
-        """
-        rows, seen = [], set()
-        for i in np.argsort(distances, kind="stable"):
-            family = self.knowledge.families[i]
-            if family not in seen:
-                seen.add(family)
-                rows.append(i)
-                if len(rows) == self.k:
-                    break
-        return np.array(rows, dtype=int)
 
     def rank(self, vector, candidates=None):
         ranking, info = super().rank(vector, candidates)
         if info.get("mode") != "neighbours" or len(ranking) < 2:
             return ranking, info
         scores = dict(ranking)
-        overall = {p: self.global_scores[p] for p in scores if p in self.global_scores}
-        if not overall:
+        incumbent, challenger = best_fixed(self.knowledge, set(scores)), ranking[0][0]
+        if incumbent is None:
             return ranking, info
-        incumbent, challenger = best_first(overall, {})[0][0], ranking[0][0]
         if challenger == incumbent:
             return ranking, info
         advantage, se = self.paired_advantage(challenger, incumbent, info["rows"], info["weights"])
@@ -410,7 +433,7 @@ class NearestNeighbourSelector(GapSelector):
         both = ~np.isnan(self.gaps[rows, c]) & ~np.isnan(self.gaps[rows, i])
         if not both.any():
             return 0.0, self.noise * math.sqrt(2.0)
-        r, w = rows[both], weights[both]
+        r, w = rows[both], weights[both] * self.knowledge.family_weights(rows[both])  # a family votes once
         diff = self.gaps[r, c] - self.gaps[r, i]
         var_each = self.noise ** 2 * (1.0 / self.counts[r, c] + 1.0 / self.counts[r, i])
         advantage = float((w * diff).sum() / w.sum())
@@ -449,7 +472,6 @@ class RidgeGapSelector(GapSelector):
         kn = self.knowledge
         self.teach = (~np.isnan(kn.alc)).sum(axis=1) >= 2
         self.low, self.high = kn.features.min(axis=0), kn.features.max(axis=0)
-        self.sample_weights = kn.family_weights()
         self.lam = float(lam) if lam is not None else self._tune_lambda()
         self.models = self._fit(np.flatnonzero(self.teach), self.lam)
 
@@ -461,8 +483,9 @@ class RidgeGapSelector(GapSelector):
             seen = ~np.isnan(gaps)
             if not seen.any() or seen.sum() < MIN_COVERAGE * len(rows) - 1e-12:
                 continue
-            z, y, w = self.z[rows][seen], gaps[seen], self.sample_weights[rows][seen]
-            w = w * (len(w) / w.sum())  # each family's datasets share one family's weight; mean weight 1
+            z, y = self.z[rows][seen], gaps[seen]
+            w = self.knowledge.family_weights(rows[seen])  # each family's datasets share one family's weight
+            w = w * (len(w) / w.sum())  # mean weight 1: lambda keeps its scale
             centre = (w[:, None] * z).sum(axis=0) / w.sum()
             mean = float((w * y).sum() / w.sum())
             if math.isinf(lam) or len(y) < 2:

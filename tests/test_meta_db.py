@@ -520,15 +520,22 @@ def test_each_family_counts_once_whatever_its_variants(tmp_path):
     knowledge = sel.load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
     weights = dict(zip(knowledge.dataset_ids, knowledge.family_weights()))
     assert weights["big"] == weights["big__v0"] == pytest.approx(0.2) and weights["small0"] == 1.0
+    # over a subset (the datasets one pipeline was measured on), a family counts once among those
+    rows = [knowledge.dataset_ids.index(d) for d in ("big", "big__v1", "small0")]
+    assert knowledge.family_weights(rows).tolist() == [0.5, 0.5, 1.0]
     # per dataset B would be best on average (5 x +0.20 against 3 x -0.10); per family A is (3 x 0.10 against 0.20)
     assert best_fixed(knowledge) == A.pipeline_id()
     selector = sel.NearestNeighbourSelector(knowledge, k=2)
     assert sel.best_first(selector.global_scores, {})[0][0] == A.pipeline_id()
-    # the k nearest are families: a query among the variants hears "big" once and the nearest small family
-    ranking, info = selector.rank(zero_shot_vector(features(5000, 5, 64, 3)))
-    families = [d.split("__")[0] for d, _ in info["neighbours"]]
-    assert len(info["neighbours"]) == 2 and families[0] == "big" and families[1].startswith("small"), families
-    assert ranking[0][0] == B.pipeline_id()  # the nearest family, much nearer, still decides
+    # among the k nearest, one family's variants share its vote: four variants of "big" (B) and one
+    # small family (A), equally near, are one vote each
+    selector = sel.NearestNeighbourSelector(knowledge, k=5)
+    rows = np.array([knowledge.dataset_ids.index(d) for d in ("big__v0", "big__v1", "big__v2", "big__v3",
+                                                               "small0")])
+    scores = selector._aggregate(np.ones(5), rows, by_family=True)
+    assert scores[A.pipeline_id()] == pytest.approx(-0.10) and scores[B.pipeline_id()] == pytest.approx(-0.05)
+    advantage, _ = selector.paired_advantage(A.pipeline_id(), B.pipeline_id(), rows, np.ones(5))
+    assert advantage == pytest.approx((0.10 - 0.20) / 2)
 
 
 def test_ridge_weighs_families_not_datasets(tmp_path):
