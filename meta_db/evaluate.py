@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meta_db.selector import DEFAULT_K, DEFAULT_SELECTOR, Knowledge, best_fixed, make_selector  # noqa: F401
+from meta_db.selector import DEFAULT_K, DEFAULT_SELECTOR, Knowledge, best_fixed, make_selector
 
 
 @dataclass

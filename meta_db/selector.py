@@ -16,7 +16,7 @@ metadata meta-features.
   AUTODL_SELECTOR=ridge (or DEFAULT_SELECTOR) predicts each gap with a ridge regression instead
   (`RidgeGapSelector`).
 - far from every stored dataset (distance beyond what the store's own datasets show), the
-  pipeline best on average over all datasets; no usable store: PipelineConfig() defaults.
+  best fixed pipeline (`best_fixed`); no usable store: PipelineConfig() defaults.
 Stored pipelines this code cannot run (unknown fields; when torch is loaded: a backbone not
 registered or without local weights) are left out.
 """
@@ -125,14 +125,11 @@ class Knowledge:
         four variants outvoted one given none in "best on average" (stop 12: the photo families' variants
         made mnv2-top-f96 the incumbent, and the noise guard then kept it for pneumoniamnist).
         """
-        rows = np.arange(len(self.families)) if rows is None else np.asarray(rows)
-        if rows.dtype == bool:
-            rows = np.flatnonzero(rows)
-        families = [self.families[i] for i in rows]
-        sizes: dict = {}
-        for family in families:
-            sizes[family] = sizes.get(family, 0) + 1
-        return np.array([1.0 / sizes[f] for f in families], dtype=np.float64)
+        families = np.asarray(self.families, dtype=object)
+        if rows is not None:
+            families = families[np.asarray(rows)]  # indices or a boolean mask
+        _, index, counts = np.unique(families.astype(str), return_inverse=True, return_counts=True)
+        return 1.0 / counts[index].astype(np.float64)
 
     def without_family(self, family: str) -> "Knowledge":
         return self.subset(np.array([f != family for f in self.families], dtype=bool))
@@ -282,7 +279,7 @@ def comparative_rows(alc: np.ndarray) -> np.ndarray:
     measured with one old pipeline, made peta pick it at k = 1-2 and cost 0.033 there). Only when no
     dataset has two are all measured datasets kept, so the fallback still knows what was run.
     """
-    measured = (~np.isnan(alc)).sum(axis=1) if alc.size else np.zeros(len(alc), dtype=int)
+    measured = (~np.isnan(alc)).sum(axis=1)
     return measured >= 2 if np.any(measured >= 2) else measured >= 1
 
 
@@ -369,6 +366,9 @@ class GapSelector:
             scores = {p: float(np.nanmean(self.gaps[:, j])) for j, p in enumerate(self.knowledge.pipeline_ids)
                       if (candidates is None or p in candidates) and not np.all(np.isnan(self.gaps[:, j]))}
         ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+        fixed = best_fixed(self.knowledge, set(scores))  # "best on average": the one definition the guard uses
+        if fixed is not None:
+            ranking = [(fixed, scores[fixed])] + [r for r in ranking if r[0] != fixed]
         return ranking, {"mode": "global", "why": why}
 
     def choose(self, vector: np.ndarray, candidates=None) -> tuple[str | None, str]:
@@ -405,8 +405,8 @@ class NearestNeighbourSelector(GapSelector):
         order = np.argsort(distances, kind="stable")[: self.k]
         weights = 1.0 / (distances[order] + 0.25)
         neighbours = [(self.knowledge.dataset_ids[i], round(float(distances[i]), 3)) for i in order]
-        return self._aggregate(weights, order, candidates, by_family=True), {"mode": "neighbours", "neighbours": neighbours,
-                                                             "rows": order, "weights": weights}
+        scores = self._aggregate(weights, order, candidates, by_family=True)
+        return scores, {"mode": "neighbours", "neighbours": neighbours, "rows": order, "weights": weights}
 
     def rank(self, vector, candidates=None):
         ranking, info = super().rank(vector, candidates)

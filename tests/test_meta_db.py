@@ -192,6 +192,7 @@ def test_selector_handles_out_of_range_metadata(synthetic_store):
     config, reason = sel.select_pipeline(FakeMetadata(10**9, 5000, 4000, 4000, 3), store=synthetic_store)
     assert "best on average" in reason and config in (A, B, C, DEFAULT)
     knowledge = sel.load_knowledge(synthetic_store)
+    assert config.pipeline_id() == best_fixed(knowledge)  # one definition of "best on average"
     selector = sel.NearestNeighbourSelector(knowledge)
     assert selector.choose(np.full(len(ZERO_SHOT_NAMES), np.nan))[1].endswith("unusable meta-features)")
     # garbage metadata never breaks the solver
