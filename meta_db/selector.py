@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 from autodl_core.config import PipelineConfig
 from meta_db.metafeatures import current_device_kind, metadata_features, zero_shot_vector
 from meta_db.portfolio import portfolio_ids
-from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, Store
+from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, IN_USE, Store
 
 ENV_PIPELINE = "AUTODL_PIPELINE_JSON"
 ENV_STORE = "AUTODL_META_STORE"
@@ -51,6 +52,9 @@ MIN_COVERAGE = 0.5  # a pipeline must have runs on this share of the (weighted) 
 # it: the shipped store's ten replicate pairs (T = 300 s, 2 CPUs) pool to 0.0017; between sittings ~0.002.
 NOISE_SD_PRIOR = 0.002
 MIN_NOISE_DOF = 3  # replicate degrees of freedom needed before the store's own noise estimate is used
+# How strongly a dataset's own replicate variance is pulled toward the store's typical one: as if the
+# typical variance had been seen on this many extra replicate degrees of freedom of the dataset.
+NOISE_PRIOR_DOF = 3.0
 
 log = logging.getLogger("meta_db.selector")
 
@@ -108,14 +112,36 @@ class Knowledge:
     def run_counts(self) -> np.ndarray:
         return np.ones_like(self.alc) if self.runs is None else np.maximum(self.runs, 1)
 
+    def _replicate_variances(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per dataset: (its replicated cells' pooled variance of one run's ALC, NaN without replicates;
+        the replicate degrees of freedom behind it)."""
+        dof = np.maximum(self.runs - 1, 0).sum(axis=1).astype(np.float64)
+        squares = np.nansum(self.sq_dev, axis=1)
+        return np.where(dof > 0, squares / np.maximum(dof, 1.0), np.nan), dof
+
     def noise_sd(self) -> float:
-        """Run-to-run SD of one run's ALC, pooled over the replicated cells (NOISE_SD_PRIOR if too few)."""
+        """Typical run-to-run SD of one run's ALC: the median over datasets with replicates of each one's
+        replicate variance (NOISE_SD_PRIOR while the store holds under MIN_NOISE_DOF replicate degrees of
+        freedom). The median, not a pooled mean: one noisy dataset must not set the quiet ones' noise."""
         if self.runs is None or self.sq_dev is None:
             return NOISE_SD_PRIOR
-        dof = float(np.nansum(np.maximum(self.runs - 1, 0)))
-        if dof < MIN_NOISE_DOF:
+        variances, dof = self._replicate_variances()
+        if dof.sum() < MIN_NOISE_DOF:
             return NOISE_SD_PRIOR
-        return float(math.sqrt(np.nansum(self.sq_dev) / dof))
+        return float(math.sqrt(statistics.median(variances[dof > 0].tolist())))  # numpy's median: 8 ms on first use
+
+    def noise_sd_by_dataset(self) -> np.ndarray:
+        """Per dataset: its run-to-run SD, from its own replicates shrunk toward `noise_sd` (NOISE_PRIOR_DOF).
+
+        Noise differs by dataset (stop 12: one pipeline's runs on pneumoniamnist spread over 0.03, on
+        the saturated sets by under 0.001); with one SD for all, a lead on a noisy neighbour counted
+        as much as the same lead on a quiet one."""
+        typical = self.noise_sd()
+        if self.runs is None or self.sq_dev is None:
+            return np.full(len(self.dataset_ids), typical)
+        variances, dof = self._replicate_variances()
+        own = np.where(dof > 0, variances, 0.0)
+        return np.sqrt((dof * own + NOISE_PRIOR_DOF * typical ** 2) / (dof + NOISE_PRIOR_DOF))
 
     def family_weights(self, rows=None) -> np.ndarray:
         """For `rows` (default: all datasets), 1 / (datasets of the same family among those rows): each
@@ -139,20 +165,22 @@ class Knowledge:
 
 
 def best_fixed(knowledge: "Knowledge", candidates: set[str] | None = None) -> str | None:
-    """The pipeline with the best mean ALC, among those measured on at least half of the datasets;
-    means weigh each family once (a corpus dataset and its variants share one weight).
+    """The pipeline with the best mean ALC, among those measured on at least half of the families;
+    coverage and means weigh each family once (a corpus dataset and its variants share one weight).
 
     Means are taken over the datasets every such pipeline was measured on, so that a pipeline run
     only on easy datasets does not look better than one also run on hard ones (falls back to each
-    pipeline's own mean when no dataset is common to all).
+    pipeline's own mean when no dataset is common to all). Coverage counts families, not datasets
+    (stop 13): counted in datasets, the variants measured with two pipelines made every pipeline
+    measured on the corpus sets alone ineligible, and "best on average" became a contest of the two.
     """
-    n = len(knowledge.dataset_ids)
+    family_share = knowledge.family_weights()  # sums to the number of families
     eligible = []
     for j, pipeline_id in enumerate(knowledge.pipeline_ids):
         if candidates is not None and pipeline_id not in candidates:
             continue
         seen = ~np.isnan(knowledge.alc[:, j])
-        if seen.sum() > 0 and seen.sum() >= 0.5 * n:
+        if seen.any() and family_share[seen].sum() >= 0.5 * family_share.sum() - 1e-9:
             eligible.append((j, pipeline_id))
     if not eligible:
         return None
@@ -196,7 +224,7 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         rows = store.conn.execute(
             "SELECT dataset_id, pipeline_id, time_budget, hardware, AVG(COALESCE(alc, 0.0)) AS alc, "
             "AVG(COALESCE(alc, 0.0) * COALESCE(alc, 0.0)) AS alc2, COUNT(*) AS n "
-            "FROM runs WHERE status != ? GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
+            f"FROM runs WHERE status != ? AND {IN_USE} GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
         datasets = {d.dataset_id: d for d in store.datasets()}
         pipelines = store.pipelines()
     strata: dict = {}
@@ -390,8 +418,9 @@ class NearestNeighbourSelector(GapSelector):
     Noise guard: the pipeline best on average over the store (the incumbent: `best_fixed`, the same
     pipeline leave-one-dataset-out compares with) is displaced only when
     the neighbours' paired advantage of the challenger exceeds one standard error of run-to-run noise
-    (the store's pooled replicate SD, `Knowledge.noise_sd`). Without it a difference of 0.0015 on one
-    neighbour, below what reruns of one pipeline differ by, picks a pipeline that then loses.
+    (each neighbour's own replicate SD, shrunk toward the store's typical one:
+    `Knowledge.noise_sd_by_dataset`). Without it a difference of 0.0015 on one neighbour, below what
+    reruns of one pipeline differ by, picks a pipeline that then loses.
     """
 
     def __init__(self, knowledge: Knowledge, k: int = DEFAULT_K):
@@ -399,6 +428,7 @@ class NearestNeighbourSelector(GapSelector):
         super().__init__(knowledge)
         if not self.empty:
             self.noise = self.knowledge.noise_sd()
+            self.noise_by_row = self.knowledge.noise_sd_by_dataset()
             self.counts = self.knowledge.run_counts()
 
     def _scores(self, vector, distances, candidates):
@@ -435,7 +465,7 @@ class NearestNeighbourSelector(GapSelector):
             return 0.0, self.noise * math.sqrt(2.0)
         r, w = rows[both], weights[both] * self.knowledge.family_weights(rows[both])  # a family votes once
         diff = self.gaps[r, c] - self.gaps[r, i]
-        var_each = self.noise ** 2 * (1.0 / self.counts[r, c] + 1.0 / self.counts[r, i])
+        var_each = self.noise_by_row[r] ** 2 * (1.0 / self.counts[r, c] + 1.0 / self.counts[r, i])
         advantage = float((w * diff).sum() / w.sum())
         se = float(math.sqrt((w ** 2 * var_each).sum()) / w.sum())
         return advantage, se

@@ -13,13 +13,19 @@ Schema (version SCHEMA_VERSION, in `PRAGMA user_version` and the `store_info` ta
   runs(run_id PK, run_key UNIQUE, dataset_id, pipeline_id, time_budget, hardware, hardware_info JSON, seed,
        tf_mode, code_version, status, error, alc, final_nauc, n_predictions, curve JSON {timestamps, scores},
        time_to_first_prediction, peak_rss_bytes, init_seconds, wall_time, started_at, finished_at, study, worker)
+  retired_code(code_version PK: a git commit or prefix, reason, retired_at)
 Opening an older file upgrades it (MIGRATIONS); a newer one is refused (StoreVersionError).
+
+Retired code: the runs of a retired code version stay in the file, the record of what was measured,
+but nothing learns from them (selection, LODO, "already measured"): they measured a solver that no
+longer exists, and comparing them with today's runs credits a pipeline with its code's differences.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -28,11 +34,14 @@ from pathlib import Path
 
 from autodl_core.config import PipelineConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_STORE_PATH = Path(__file__).resolve().parent / "store.sqlite"
 BUSY_TIMEOUT_SECONDS = 60.0
 # A run whose harness (not the solver) failed: no ALC to learn from, excluded from selection.
 HARNESS_ERROR = "harness_error"
+COMMIT_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a git commit or its prefix, as runs name their code version
+# SQL condition on `runs`: the run was not measured by a retired code version.
+IN_USE = "NOT EXISTS (SELECT 1 FROM retired_code rc WHERE runs.code_version LIKE rc.code_version || '%')"
 
 # MIGRATIONS[v] upgrades a file at schema version v to v + 1.
 MIGRATIONS: dict[int, str] = {
@@ -83,6 +92,13 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset_id, pipeline_id);
     CREATE INDEX IF NOT EXISTS runs_by_budget ON runs(time_budget, hardware);
+    """,
+    1: """
+    CREATE TABLE IF NOT EXISTS retired_code (
+        code_version TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        retired_at TEXT NOT NULL
+    );
     """,
 }
 
@@ -345,9 +361,17 @@ class Store:
     def has_run(self, key: str) -> bool:
         return self.conn.execute("SELECT 1 FROM runs WHERE run_key = ?", (key,)).fetchone() is not None
 
+    def measured_keys(self) -> set[str]:
+        """Run keys of the runs in use that measured the solver: what meta-training need not redo (a
+        harness error is not a measurement; a retired code version's run is a different solver's)."""
+        return {r[0] for r in self.conn.execute(f"SELECT run_key FROM runs WHERE status != ? AND {IN_USE}",
+                                                (HARNESS_ERROR,))}
+
     def alc_table(self, time_budget: float | None = None, hardware: str | None = None) -> dict:
-        """{(dataset_id, pipeline_id): mean ALC} over runs that measured the solver (harness errors left out)."""
-        sql = ("SELECT dataset_id, pipeline_id, AVG(COALESCE(alc, 0.0)) AS alc FROM runs WHERE status != ?"
+        """{(dataset_id, pipeline_id): mean ALC} over the runs in use that measured the solver (harness errors
+        and retired code versions left out)."""
+        sql = (f"SELECT dataset_id, pipeline_id, AVG(COALESCE(alc, 0.0)) AS alc FROM runs WHERE status != ? "
+               f"AND {IN_USE}"
                + (" AND time_budget = ?" if time_budget is not None else "")
                + (" AND hardware = ?" if hardware is not None else "")
                + " GROUP BY dataset_id, pipeline_id")
@@ -363,6 +387,42 @@ class Store:
         """
         with self._transaction() as conn:
             return conn.execute("DELETE FROM runs WHERE study = ?", (study,)).rowcount
+
+    def retire_code(self, code_versions: list[str], reason: str) -> int:
+        """Stop learning from the runs of these code versions (git commits or prefixes); returns how many
+        runs that retires. Runs recorded later by a retired version are retired too.
+
+        Why: a solver change makes the older code's runs another solver's results (stop 12: re-measured
+        with today's code, mnv2-top-lr16's cells moved by -0.001 to +0.015, as much as pipelines differ).
+        """
+        reason = (reason or "").strip()
+        if not reason:
+            raise ValueError("retiring a code version needs a reason (it is kept with it)")
+        prefixes = _commit_prefixes(code_versions)
+        with self._transaction() as conn:
+            before = self._retired_run_count()
+            for prefix in prefixes:
+                conn.execute("INSERT OR REPLACE INTO retired_code(code_version, reason, retired_at) VALUES (?, ?, ?)",
+                             (prefix, reason, now_iso()))
+            return self._retired_run_count() - before
+
+    def restore_code(self, code_versions: list[str]) -> int:
+        """Learn again from these retired code versions (exactly as retired); returns how many runs return."""
+        prefixes = _commit_prefixes(code_versions)
+        with self._transaction() as conn:
+            before = self._retired_run_count()
+            unknown = [p for p in prefixes if conn.execute("DELETE FROM retired_code WHERE code_version = ?",
+                                                           (p,)).rowcount == 0]
+            if unknown:
+                raise ValueError(f"not retired: {unknown} (retired: {sorted(self.retired_code())})")
+            return before - self._retired_run_count()
+
+    def retired_code(self) -> dict[str, str]:
+        """{code version prefix: reason}."""
+        return {r["code_version"]: r["reason"] for r in self.conn.execute("SELECT * FROM retired_code")}
+
+    def _retired_run_count(self) -> int:
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE NOT {IN_USE}").fetchone()[0])
 
     def copy_without_family(self, family_id: str, out_path: str | os.PathLike) -> Path:
         """A copy of this store that never saw `family_id` (its datasets, variants and runs removed).
@@ -390,11 +450,23 @@ class Store:
     def summary(self) -> dict:
         count = lambda table: int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: E731
         statuses = {r[0]: r[1] for r in self.conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status")}
+        retired = self._retired_run_count()
         budgets = [r[0] for r in self.conn.execute("SELECT DISTINCT time_budget FROM runs ORDER BY 1")]
         hardware = [r[0] for r in self.conn.execute("SELECT DISTINCT hardware FROM runs ORDER BY 1")]
         return {"schema_version": self.schema_version(), "datasets": count("datasets"),
-                "pipelines": count("pipelines"), "runs": count("runs"), "statuses": statuses,
+                "pipelines": count("pipelines"), "runs": count("runs"), "retired_runs": retired,
+                "retired_code": self.retired_code(), "statuses": statuses,
                 "time_budgets": budgets, "hardware": hardware}
+
+
+def _commit_prefixes(code_versions) -> list[str]:
+    prefixes = [str(v).strip().lower() for v in code_versions if v and str(v).strip()]
+    if not prefixes:
+        raise ValueError("name at least one code version (a git commit or its prefix)")
+    bad = [v for v in prefixes if not COMMIT_PREFIX.fullmatch(v)]
+    if bad:
+        raise ValueError(f"not a git commit or prefix (4-40 hex digits): {bad}")
+    return prefixes
 
 
 def _split_sql(script: str) -> list[str]:

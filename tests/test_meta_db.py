@@ -142,6 +142,67 @@ def test_store_round_trip_and_queries(tmp_path):
         assert summary["runs"] == 2 and summary["datasets"] == 2 and summary["time_budgets"] == [300.0, 600.0]
 
 
+def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        for name in ("gray", "color"):
+            store.upsert_dataset(DatasetRecord(name, features(1000, 10, 28, 1)))
+        for config in (A, DEFAULT):
+            store.upsert_pipeline(config)
+        old = dict(code_version="aaaa1111")
+        store.record_run(RunRecord("gray", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9, **old))
+        store.record_run(RunRecord("color", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9, **old))
+        store.record_run(RunRecord("gray", DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.7, code_version="bbbb2222"))
+        store.record_run(RunRecord("color", DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.8,
+                                   code_version="bbbb2222+dirty"))
+        assert len(store.measured_keys()) == 4
+        assert store.retire_code(["AAAA"], "stop-9 solver") == 2  # a prefix, any case
+        assert store.retire_code(["aaaa1111"], "again") == 0  # nothing more to retire
+        assert store.alc_table() == {("gray", DEFAULT.pipeline_id()): pytest.approx(0.7),
+                                     ("color", DEFAULT.pipeline_id()): pytest.approx(0.8)}
+        assert len(store.runs()) == 4  # kept: the record of what was measured
+        assert task_key("gray", A.pipeline_id(), 300, 0, "graph", "cpu2") not in store.measured_keys()
+        # a run recorded later by a retired version is retired too
+        store.record_run(RunRecord("gray", A.pipeline_id(), 300, "cpu2", "ok", alc=0.95, seed=1, **old))
+        assert ("gray", A.pipeline_id()) not in store.alc_table()
+        summary = store.summary()
+        assert summary["retired_runs"] == 3 and set(summary["retired_code"]) == {"aaaa", "aaaa1111"}
+        with pytest.raises(ValueError, match="reason"):
+            store.retire_code(["bbbb"], " ")
+        with pytest.raises(ValueError, match="hex digits"):
+            store.retire_code(["bb%"], "wildcards are not commits")
+        with pytest.raises(ValueError, match="at least one"):
+            store.retire_code([], "nothing named")
+    knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
+    assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()]  # A's cells were all retired code
+    with Store(path) as store:
+        with pytest.raises(ValueError, match="not retired"):
+            store.restore_code(["cccc"])
+        assert store.restore_code(["aaaa", "aaaa1111"]) == 3
+        assert store.alc_table()[("gray", A.pipeline_id())] == pytest.approx(0.925)  # both seeds back
+    assert sorted(sel.load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == \
+        sorted([A.pipeline_id(), DEFAULT.pipeline_id()])
+
+
+def test_store_upgrades_a_version_1_file_keeping_its_runs(tmp_path):
+    from meta_db.store import MIGRATIONS
+
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO datasets VALUES ('d', 'd', NULL, 'd', NULL, NULL, '{}', NULL, 'now')")
+    conn.execute("INSERT INTO pipelines VALUES ('p', 'p', '{}', 'now')")
+    conn.execute("INSERT INTO runs(run_key, dataset_id, pipeline_id, time_budget, hardware, status, alc, "
+                 "code_version) VALUES ('k', 'd', 'p', 300, 'cpu2', 'ok', 0.5, 'abcd123')")
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.retired_code() == {} and store.alc_table() == {("d", "p"): pytest.approx(0.5)}
+        assert store.retire_code(["abcd"], "old") == 1
+
+
 # ---------------------------------------------------------------------- meta-features and portfolio
 
 
@@ -362,6 +423,16 @@ def test_best_fixed_needs_coverage():
     assert best_fixed(knowledge) == "p"  # q looks better but was measured on one dataset of three
 
 
+def test_best_fixed_coverage_counts_families_not_variants():
+    # p and q were measured on big's five variants too, r on the three originals only: 3 datasets of 8,
+    # which a dataset count rejected (then q won), although r measured every family, and leads on each
+    ids = ["big"] + [f"big__v{i}" for i in range(5)] + ["small0", "small1"]
+    families = ["big"] * 6 + ["small0", "small1"]
+    alc = np.array([[0.80, 0.79, 0.82]] + [[0.80, 0.81, np.nan]] * 5 + [[0.90, 0.90, 0.93]] * 2)
+    knowledge = sel.Knowledge(ids, families, np.zeros((len(ids), len(ZERO_SHOT_NAMES))), ["p", "q", "r"], {}, alc)
+    assert best_fixed(knowledge) == "r"  # compared on the three originals, the datasets all three share
+
+
 def test_best_fixed_compares_pipelines_on_the_same_datasets():
     # p was also run on a hard dataset (c) that q was not: on the common datasets p is better
     alc = np.array([[0.9, 0.85], [0.9, 0.85], [0.3, np.nan]])
@@ -446,21 +517,23 @@ def test_selector_method_is_chosen_by_name(synthetic_store, monkeypatch):
 # ---------------------------------------------------------------------- noise guard (neighbours)
 
 
-def _near_tie_store(path, lead: float, replicate_spread: float):
+def _near_tie_store(path, lead: float, replicate_spread: float, colour_spread: float | None = None):
     """DEFAULT is best on average; A leads it by `lead` on the grey cluster and loses badly on colour.
-    Every cell is run twice, `replicate_spread` apart: the store's own measure of run-to-run noise."""
+    Every cell is run twice, `replicate_spread` apart (`colour_spread` on the colour cluster, if given):
+    the store's own measure of run-to-run noise."""
     with Store(path) as store, store.batch():
         for name, config in PORTFOLIO.items():
             store.upsert_pipeline(config, name)
         for i in range(5):
-            for dataset_id, feats, alcs in (
-                    (f"gray{i}", features(1000 + 300 * i, 10, 28, 1), {DEFAULT: 0.90, A: 0.90 + lead}),
-                    (f"color{i}", features(30000 + 5000 * i, 5, 64, 3), {DEFAULT: 0.90, A: 0.80})):
+            for dataset_id, feats, alcs, spread in (
+                    (f"gray{i}", features(1000 + 300 * i, 10, 28, 1), {DEFAULT: 0.90, A: 0.90 + lead}, replicate_spread),
+                    (f"color{i}", features(30000 + 5000 * i, 5, 64, 3), {DEFAULT: 0.90, A: 0.80},
+                     replicate_spread if colour_spread is None else colour_spread)):
                 store.upsert_dataset(DatasetRecord(dataset_id, feats))
                 for config, alc in alcs.items():
                     for seed, sign in ((0, -1), (1, 1)):
                         store.record_run(RunRecord(dataset_id, config.pipeline_id(), 300.0, "cpu2", "ok", seed=seed,
-                                                   alc=alc + sign * replicate_spread / 2,
+                                                   alc=alc + sign * spread / 2,
                                                    timestamps=[1.0], scores=[alc]))
     return path
 
@@ -470,6 +543,35 @@ def test_noise_sd_is_pooled_from_replicates_else_the_prior(tmp_path):
     assert knowledge.noise_sd() == pytest.approx(0.004 / math.sqrt(2), rel=1e-3)  # a pair d apart: SD d/sqrt(2)
     single = sel.Knowledge(["a"], ["a"], np.zeros((1, len(ZERO_SHOT_NAMES))), ["p"], {}, np.array([[0.5]]))
     assert single.noise_sd() == sel.NOISE_SD_PRIOR
+
+
+def test_noise_is_estimated_per_dataset_shrunk_toward_the_typical_one(tmp_path):
+    knowledge = sel.load_knowledge(_near_tie_store(tmp_path / "s.sqlite", 0.01, 0.0002, colour_spread=0.04),
+                                   300.0, "cpu2")
+    grey = np.array([d.startswith("gray") for d in knowledge.dataset_ids])
+    typical_var = (0.0002 ** 2 / 2 + 0.04 ** 2 / 2) / 2  # the median of five quiet and five noisy datasets
+    assert knowledge.noise_sd() == pytest.approx(math.sqrt(typical_var), rel=1e-3)
+    by_dataset = knowledge.noise_sd_by_dataset()
+    prior = sel.NOISE_PRIOR_DOF
+    for mask, own in ((grey, 0.0002 ** 2 / 2), (~grey, 0.04 ** 2 / 2)):  # two cells, one replicate each
+        assert by_dataset[mask] == pytest.approx(math.sqrt((2 * own + prior * typical_var) / (2 + prior)), rel=1e-3)
+    # no replicates anywhere: every dataset gets the prior
+    single = sel.Knowledge(["a", "b"], ["a", "b"], np.zeros((2, len(ZERO_SHOT_NAMES))), ["p"], {},
+                           np.array([[0.5], [0.6]]), runs=np.ones((2, 1), dtype=int), sq_dev=np.zeros((2, 1)))
+    assert np.allclose(single.noise_sd_by_dataset(), sel.NOISE_SD_PRIOR)
+
+
+def test_a_lead_on_noisy_neighbours_counts_less_than_on_quiet_ones(tmp_path):
+    """The same lead of A on the grey neighbours and the same typical noise: real where the grey sets'
+    reruns agree, within the noise where they scatter (a pooled SD could not tell the two apart)."""
+    query = FakeMetadata(1500, 10, 28, 28, 1)  # in the grey cluster
+    quiet = _near_tie_store(tmp_path / "quiet.sqlite", 0.008, 0.0002, colour_spread=0.04)
+    config, reason = sel.select_pipeline(query, store=quiet)
+    assert config == A and "noise" not in reason, reason
+    sel._CACHE.clear()
+    noisy = _near_tie_store(tmp_path / "noisy.sqlite", 0.008, 0.04, colour_spread=0.0002)
+    config, reason = sel.select_pipeline(query, store=noisy)
+    assert config == DEFAULT and "within run-to-run noise" in reason, reason
 
 
 def test_neighbours_keep_the_best_pipeline_on_average_against_a_lead_within_noise(tmp_path):

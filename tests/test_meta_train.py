@@ -132,6 +132,21 @@ def test_two_workers_each_task_once_failures_recorded_and_resumable(tmp_path, da
     fresh = mt.meta_train([datasets], PIPELINES + [extra], 30, store, workers=1,
                           storage_url=f"sqlite:///{tmp_path / 'fresh.sqlite'}", **kwargs)
     assert fresh["enqueue"]["queued"] == 1 and len(read_log(log)) == 14
+    # retiring the code version that measured them: a fresh study measures them again
+    from tools.cli import main
+
+    with Store(store) as s:
+        s.conn.execute("UPDATE runs SET code_version = 'abcdef0' WHERE pipeline_id = ?",
+                       (PIPELINES[0][1].pipeline_id(),))
+    assert main(["meta-train", "--retire-code", "abcdef0", "--store", str(store)]) == 2  # no reason given
+    assert main(["meta-train", "--retire-code", "abcdef0", "--reason", "older solver", "--store", str(store)]) == 0
+    remeasured = mt.meta_train([datasets], PIPELINES + [extra], 30, store, workers=1,
+                               storage_url=f"sqlite:///{tmp_path / 'fresh2.sqlite'}", **kwargs)
+    assert remeasured["enqueue"]["queued"] == 3 + 1  # base's three tasks, and the harness failure again
+    assert sorted(read_log(log)[-4:-1] + read_log(log)[-1:]) == sorted(
+        [(d, PIPELINES[0][1].pipeline_id()) for d in ("dsa", "dsb", "dsb__c3-r1")] + [("dsb", PIPELINES[2][1].pipeline_id())])
+    with Store(store) as s:  # the re-measurements replaced the retired runs (same keys, today's code)
+        assert s.summary()["retired_runs"] == 0 and s.retired_code() == {"abcdef0": "older solver"}
 
 
 def test_separate_processes_share_one_storage_then_sync_and_evaluate(tmp_path, datasets, code_dir, capsys):

@@ -9,6 +9,8 @@
     tools meta-train --make-variants SRC... --variants-out DIR [--per-dataset N | --variant SPEC ...]  derive datasets
     tools meta-train --lodo-stores DIR [--store S]                                one store per held-out family
     tools meta-train --drop-study STUDY [--store S]                               forget one study's runs
+    tools meta-train --retire-code COMMIT... --reason TEXT [--store S]           stop learning from old code's runs
+    tools meta-train --restore-code COMMIT... [--store S]                        learn from them again
     tools meta-train --list-portfolio
 
 Each task (dataset, pipeline, budget, seed, TF mode) is one Optuna trial: enqueued once as
@@ -19,6 +21,9 @@ store and in the trial (so workers on other machines, whose store files differ, 
 with --sync). Resumable: finished tasks are skipped; a task whose harness failed (not the
 solver: that is a result) is stored with its error and skipped unless --retry-failed; a task
 left RUNNING by a killed worker is re-queued once it is older than any run can last.
+A run of a retired code version counts as not measured; a study that already completed its task
+still skips it, so re-measure retired runs under a new --study (or through `tools bench` and
+--import-bench).
 """
 from __future__ import annotations
 
@@ -477,7 +482,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
     import math
 
     from meta_db.metafeatures import hardware_profile
-    from meta_db.store import HARNESS_ERROR, Store, task_key
+    from meta_db.store import Store, task_key
 
     if not (time_budget > 0 and math.isfinite(time_budget)):
         raise UserInputError(f"time budget must be a positive number of seconds, got {time_budget}")
@@ -510,7 +515,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
              for name, config in pipelines for dataset_id, (record, _) in sorted(records.items())]
     # Runs already in the store (e.g. a shipped store, or one built through another study) are not redone.
     with Store(store_path) as store:
-        measured = {r.run_key() for r in store.runs() if r.status != HARNESS_ERROR}
+        measured = store.measured_keys()  # a retired code version's runs are redone
     in_store = [t for t in tasks if task_key(t.dataset_id, t.pipeline_id, t.time_budget, t.seed, t.tf_mode,
                                              hardware["key"]) in measured]
     if in_store:
@@ -711,7 +716,8 @@ def _cli(args) -> int:
                          seed=args.seed)
         print(f"{n} bench run(s) stored in {store_path} (seed {args.seed})")
         return 0
-    if (args.evaluate or args.drop_study or args.lodo_stores) and not store_path.is_file():
+    if (args.evaluate or args.drop_study or args.lodo_stores or args.retire_code or args.restore_code) \
+            and not store_path.is_file():
         raise UserInputError(f"store not found: {store_path}")  # these modes read an existing store
     if args.evaluate:
         from meta_db.evaluate import evaluate_store
@@ -725,6 +731,23 @@ def _cli(args) -> int:
 
         with Store(store_path) as store:
             print(f"{store.delete_runs(args.drop_study)} run(s) of study {args.drop_study!r} removed from {store_path}")
+        return 0
+    if args.retire_code or args.restore_code:
+        from meta_db.store import Store
+
+        with Store(store_path) as store:
+            try:
+                if args.retire_code:
+                    n = store.retire_code(args.retire_code, args.reason)
+                    print(f"{n} run(s) retired in {store_path} (code {', '.join(args.retire_code)}: {args.reason})")
+                else:
+                    n = store.restore_code(args.restore_code)
+                    print(f"{n} run(s) back in use in {store_path}")
+            except ValueError as exc:
+                raise UserInputError(str(exc)) from None
+            summary = store.summary()
+        print(f"runs: {summary['runs']}, retired: {summary['retired_runs']} "
+              f"(code versions {json.dumps(summary['retired_code'])})")
         return 0
     if args.lodo_stores:
         for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k, method=args.selector):
@@ -773,6 +796,10 @@ def register(subparsers) -> None:
                       help="write DIR/<family>.sqlite: the store without each corpus family (end-to-end LODO)")
     mode.add_argument("--drop-study", metavar="STUDY",
                       help="remove the runs recorded under STUDY (e.g. bench:kit imports) from the store")
+    mode.add_argument("--retire-code", nargs="+", metavar="COMMIT",
+                      help="stop learning from the runs of these code versions (git commits or prefixes; "
+                           "kept in the store, needs --reason)")
+    mode.add_argument("--restore-code", nargs="+", metavar="COMMIT", help="learn from retired code versions again")
     mode.add_argument("--list-portfolio", action="store_true", help="print the portfolio's pipeline ids and names")
     parser.add_argument("--datasets", nargs="+", metavar="DIR",
                         help="AutoDL dataset folders, or folders holding several")
@@ -804,6 +831,7 @@ def register(subparsers) -> None:
     parser.add_argument("--selector", choices=sorted(SELECTORS), default=DEFAULT_SELECTOR,
                         help="--evaluate, --lodo-stores: which selector (default %(default)s)")
     parser.add_argument("--report", help="--evaluate: also write the markdown table to this file")
+    parser.add_argument("--reason", help="--retire-code: why (kept in the store)")
     parser.add_argument("--variants-out", help="--make-variants: output folder")
     parser.add_argument("--per-dataset", type=int, default=3, help="--make-variants: random variants per source")
     parser.add_argument("--variant", action="append", metavar="SPEC",
