@@ -6,8 +6,9 @@ metadata meta-features.
   no questions asked (meta-training forces each run's pipeline this way). An invalid value raises:
   measuring a different pipeline than the one recorded would poison the store.
 - otherwise the store (meta_db/store.sqlite, or AUTODL_META_STORE) is read once per process; the
-  runs of one stratum (the hardware kind of this machine, the time budget closest to the expected
-  one: AUTODL_TIME_BUDGET, default 1200 s) form a dataset x pipeline ALC matrix; each entry
+  runs in use (not of a retired code version) of one stratum (the hardware kind of this machine,
+  the time budget closest to the expected one: AUTODL_TIME_BUDGET, default 1200 s) form a
+  dataset x pipeline ALC matrix; each entry
   becomes its gap to the best pipeline of its dataset (0 for the best, negative otherwise); the
   k nearest datasets (z-scored `zero_shot_vector`, distance-weighted; the neighbours of one family
   share one family's vote) vote with their gaps; the
@@ -49,7 +50,7 @@ Z_CLIP = 5.0  # standardised features are clipped here: absurd metadata cannot p
 MIN_FEATURE_STD = 0.25  # a feature (e.g. a flag) constant across the store must not blow up distances
 MIN_COVERAGE = 0.5  # a pipeline must have runs on this share of the (weighted) neighbours to be ranked
 # Run-to-run standard deviation of one run's ALC, when the store holds too few replicate runs to measure
-# it: the shipped store's ten replicate pairs (T = 300 s, 2 CPUs) pool to 0.0017; between sittings ~0.002.
+# it: stop 10's ten replicate pairs (T = 300 s, 2 CPUs) pooled to 0.0017; stop 13's store: median 0.0018.
 NOISE_SD_PRIOR = 0.002
 MIN_NOISE_DOF = 3  # replicate degrees of freedom needed before the store's own noise estimate is used
 # How strongly a dataset's own replicate variance is pulled toward the store's typical one: as if the

@@ -526,7 +526,8 @@ def _near_tie_store(path, lead: float, replicate_spread: float, colour_spread: f
             store.upsert_pipeline(config, name)
         for i in range(5):
             for dataset_id, feats, alcs, spread in (
-                    (f"gray{i}", features(1000 + 300 * i, 10, 28, 1), {DEFAULT: 0.90, A: 0.90 + lead}, replicate_spread),
+                    (f"gray{i}", features(1000 + 300 * i, 10, 28, 1), {DEFAULT: 0.90, A: 0.90 + lead},
+                     replicate_spread),
                     (f"color{i}", features(30000 + 5000 * i, 5, 64, 3), {DEFAULT: 0.90, A: 0.80},
                      replicate_spread if colour_spread is None else colour_spread)):
                 store.upsert_dataset(DatasetRecord(dataset_id, feats))
