@@ -131,13 +131,14 @@ class Knowledge:
             return NOISE_SD_PRIOR
         return float(math.sqrt(statistics.median(variances[dof > 0].tolist())))  # numpy's median: 8 ms on first use
 
-    def noise_sd_by_dataset(self) -> np.ndarray:
-        """Per dataset: its run-to-run SD, from its own replicates shrunk toward `noise_sd` (NOISE_PRIOR_DOF).
+    def noise_sd_by_dataset(self, typical: float | None = None) -> np.ndarray:
+        """Per dataset: its run-to-run SD, from its own replicates shrunk toward `typical` (default
+        `noise_sd()`, pass it when already computed) with NOISE_PRIOR_DOF pseudo-degrees of freedom.
 
         Noise differs by dataset (stop 12: one pipeline's runs on pneumoniamnist spread over 0.03, on
         the saturated sets by under 0.001); with one SD for all, a lead on a noisy neighbour counted
         as much as the same lead on a quiet one."""
-        typical = self.noise_sd()
+        typical = self.noise_sd() if typical is None else typical
         if self.runs is None or self.sq_dev is None:
             return np.full(len(self.dataset_ids), typical)
         variances, dof = self._replicate_variances()
@@ -187,11 +188,13 @@ def best_fixed(knowledge: "Knowledge", candidates: set[str] | None = None) -> st
         return None
     columns = knowledge.alc[:, [j for j, _ in eligible]]
     common = ~np.isnan(columns).any(axis=1)
+    # each family counts once, whatever its number of variants; the common rows are shared by all pipelines
+    common_weights = knowledge.family_weights(common) if common.any() else None
     best, best_score = None, -math.inf
     for k, (_, pipeline_id) in enumerate(eligible):
         column = columns[:, k]
-        rows = common if common.any() else ~np.isnan(column)
-        weights = knowledge.family_weights(rows)  # each family counts once, whatever its number of variants
+        rows = common if common_weights is not None else ~np.isnan(column)
+        weights = common_weights if common_weights is not None else knowledge.family_weights(rows)
         score = float((weights * column[rows]).sum() / weights.sum())
         if score > best_score + 1e-12:
             best, best_score = pipeline_id, score
@@ -429,7 +432,7 @@ class NearestNeighbourSelector(GapSelector):
         super().__init__(knowledge)
         if not self.empty:
             self.noise = self.knowledge.noise_sd()
-            self.noise_by_row = self.knowledge.noise_sd_by_dataset()
+            self.noise_by_row = self.knowledge.noise_sd_by_dataset(self.noise)
             self.counts = self.knowledge.run_counts()
 
     def _scores(self, vector, distances, candidates):
