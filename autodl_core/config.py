@@ -36,6 +36,11 @@ class PipelineConfig:
     top_lr: float = 0.016  # measured best on a CPU at T = 300 s (was 0.002 until stop 9: see ID_BASELINE)
     top_dropout: float = 0.2
     batch_size: int = 64
+    # On a GPU (see autodl_core/device_plan.py): full fine-tuning's images per step (the learning rate
+    # scaled by sqrt(batch / batch_size)) and how many examples the frozen probe may use (features
+    # cost ~0.05 ms an image there, so all of a large set fits in the first seconds).
+    gpu_batch_size: int = 256
+    gpu_probe_max_examples: int = 100000
     weight_decay: float = 5e-5
     ema_decay: float = 0.98
     label_smoothing: float = 0.1
@@ -55,6 +60,9 @@ class PipelineConfig:
     flip_tta: bool = True  # try horizontal-flip test-time augmentation (kept only if validation gains)
     resolution_growth: float = 1.5  # when fine-tuning plateaus with time left, grow the resolution by this
     max_resolution_growths: int = 2
+    # A checkpoint replaces the prediction only when its validation gain exceeds this many standard
+    # errors of the paired gain (bootstrap over the validation examples): tiny splits cannot fool it.
+    val_noise_z: float = 1.5
     val_fraction: float = 0.1
     val_max: int = 800
     memory_cap_gb: float = 4.0

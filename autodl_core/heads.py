@@ -24,8 +24,8 @@ class LinearHead:
 
     def fit(self, features, labels, max_iter: int = 100, deadline: float | None = None,
             init: "LinearHead | None" = None) -> "LinearHead":
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        x = _as_float_tensor(features)
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.float32).to(x.device)
         self.mean = x.mean(0, keepdim=True)
         std = x.std(0, keepdim=True)
         # Near-constant features (dead units) must not be blown up into noise or huge weights.
@@ -33,8 +33,8 @@ class LinearHead:
         x = (x - self.mean) / self.std
         n, d = x.shape
         k = y.shape[1]
-        w = torch.zeros(d, k, requires_grad=True)
-        b = torch.zeros(k, requires_grad=True)
+        w = torch.zeros(d, k, device=x.device, requires_grad=True)
+        b = torch.zeros(k, device=x.device, requires_grad=True)
         with torch.no_grad():
             if init is not None and init.weight is not None and init.weight.shape == (d, k):
                 w.copy_(init.weight)
@@ -65,20 +65,28 @@ class LinearHead:
         return self
 
     def logits(self, features) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        x = _as_float_tensor(features).to(self.weight.device)
         return ((x - self.mean) / self.std) @ self.weight + self.bias
 
     def predict_proba(self, features) -> np.ndarray:
         with torch.no_grad():
             z = self.logits(features)
             p = torch.sigmoid(z) if self.multilabel else torch.softmax(z, dim=1)
-        return p.numpy()
+        return p.cpu().numpy()
 
     def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (k, d), bias (k,)) of the same map on raw (unstandardised) features, for an nn.Linear."""
         weight = (self.weight / self.std.T).T
         bias = self.bias - (self.mean / self.std) @ self.weight
         return weight.contiguous(), bias.view(-1).contiguous()
+
+
+def _as_float_tensor(features) -> torch.Tensor:
+    """Features as a float32 tensor where they are (a GPU keeps the probe's features there); a copy,
+    so that features computed under inference mode can take part in the fit's autograd."""
+    if isinstance(features, torch.Tensor):
+        return features.detach().float().clone()
+    return torch.as_tensor(np.asarray(features), dtype=torch.float32)
 
 
 def thumbnails(images: np.ndarray, side: int = 12) -> np.ndarray:

@@ -5,6 +5,8 @@ working resolution (progressive resizing) is one interpolate away.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,17 +25,61 @@ class Preprocessor:
         self.channels_last = channels_last
         self.dtype = dtype
 
-    def __call__(self, images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(self.pixel_max).clamp_(0.0, 1.0)
-        x = to_three_channels(x)
+    def __call__(self, images, size: tuple[int, int]) -> torch.Tensor:
+        """`images`: a numpy array or a torch tensor (on any device) of uint8 (N, H, W, C)."""
+        x = self.unit_range(images)
         if tuple(x.shape[-2:]) != tuple(size):
             downscale = x.shape[-2] > size[0] or x.shape[-1] > size[1]
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=downscale)
+        return self.normalize(x)
+
+    def unit_range(self, images) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> float (N, 3, H, W) in [0, 1] on the device."""
+        if isinstance(images, torch.Tensor):
+            x = images.to(self.device, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(self.pixel_max).clamp_(0.0, 1.0)
+        return to_three_channels(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)
+
+    def augmented(self, images, size: tuple[int, int], flip: bool, min_scale: float = 0.5,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random resized crops (area share in [min_scale, 1], aspect 3/4..4/3) with random horizontal
+        flips, resized to `size`: one affine grid-sample on the device for the whole batch.
+
+        Why: per-example crops are the augmentation full fine-tuning needs, and doing them as one
+        kernel on the GPU keeps it busy (a CPU loop per image left a large GPU idle). Images larger
+        than `size` are first shrunk with antialiasing (grid sampling alone would alias).
+        """
+        x = self.unit_range(images)
+        if x.shape[-2] > size[0] or x.shape[-1] > size[1]:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        n = x.shape[0]
+        rand = torch.rand(n, 4, device=x.device, generator=generator)
+        area = min_scale + (1.0 - min_scale) * rand[:, 0]
+        log_ratio = (rand[:, 1] * 2 - 1) * math.log(4 / 3)
+        ratio = torch.exp(log_ratio)
+        crop_w = torch.sqrt(area * ratio).clamp(max=1.0)
+        crop_h = torch.sqrt(area / ratio).clamp(max=1.0)
+        shift_x = (rand[:, 2] * 2 - 1) * (1 - crop_w)
+        shift_y = (rand[:, 3] * 2 - 1) * (1 - crop_h)
+        sign = torch.ones(n, device=x.device)
+        if flip:
+            sign = torch.where(torch.rand(n, device=x.device, generator=generator) < 0.5, -sign, sign)
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0] = crop_w * sign
+        theta[:, 0, 2] = shift_x
+        theta[:, 1, 1] = crop_h
+        theta[:, 1, 2] = shift_y
+        grid = F.affine_grid(theta, (n, x.shape[1], size[0], size[1]), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return self.normalize(x)
 
 
 def to_three_channels(x: torch.Tensor) -> torch.Tensor:

@@ -54,18 +54,6 @@ class DataProfile:
         self.label_cardinality = float(row_sums.mean())
         self.class_prior = labels.mean(axis=0)
 
-    def default_resolution(self, device_type: str) -> int:
-        """Shorter side for the frozen probe: small images are upsampled (ImageNet features need ~64 px)."""
-        short = min(self.storage_hw)
-        if device_type == "cuda":
-            return int(np.clip(2 * short, 64, 160))
-        return int(np.clip(2 * short, 48, 64))
-
-    def finetune_resolution(self, device_type: str, override: int = 0) -> int:
-        if override > 0:
-            return override
-        return self.default_resolution(device_type)
-
     def meta_features(self) -> dict:
         return {
             "n_train": self.n_train, "n_classes": self.n_classes, "channels": self.channels,

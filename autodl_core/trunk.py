@@ -61,31 +61,41 @@ class ActivationCache:
     With flip=True it holds the activations of the horizontally flipped images (flip TTA).
     """
 
-    def __init__(self, trunk: Trunk, preprocess: Preprocessor, size, rate: RateMeter | None = None,
-                 batch_size: int = 128, flip: bool = False, cpu_bf16: bool = False):
+    def __init__(self, trunk: nn.Module, preprocess: Preprocessor, size, rate: RateMeter | None = None,
+                 batch_size: int = 128, flip: bool = False, cpu_bf16: bool = False,
+                 store_device: str | torch.device = "cpu"):
         self.trunk, self.preprocess, self.size, self.rate = trunk, preprocess, tuple(size), rate
         self.flip, self.cpu_bf16 = flip, cpu_bf16
         self.batch_size = batch_size
+        # On a GPU the cache stays there (pooled features when the "trunk" is the whole backbone).
+        self.store_device = torch.device(store_device)
         self.store: torch.Tensor | None = None
         self.has = np.zeros(0, bool)
 
     def _grow(self, n: int, shape):
         if self.store is None:
-            self.store = torch.empty((n,) + tuple(shape), dtype=torch.float16)
+            self.store = torch.empty((n,) + tuple(shape), dtype=torch.float16, device=self.store_device)
             self.has = np.zeros(n, bool)
         elif n > len(self.store):
-            extra = torch.empty((n - len(self.store),) + tuple(self.store.shape[1:]), dtype=torch.float16)
+            extra = torch.empty((n - len(self.store),) + tuple(self.store.shape[1:]), dtype=torch.float16,
+                                device=self.store_device)
             self.store = torch.cat([self.store, extra])
             self.has = np.concatenate([self.has, np.zeros(n - len(self.has), bool)])
 
-    def ensure(self, images: np.ndarray, positions: np.ndarray, deadline: float | None = None) -> int:
-        """Compute missing activations for `positions` (in order) until done or the deadline; returns how many."""
+    def ensure(self, images, positions: np.ndarray, deadline: float | None = None) -> int:
+        """Compute missing activations for `positions` (in order) until done or the deadline; returns how many.
+
+        `images`: uint8 (N, H, W, C), numpy or a tensor on the device. On a GPU every batch is padded
+        to the full batch size (one shape: cuDNN's tuned algorithms are reused, not tuned again).
+        """
         positions = np.asarray(positions)
         if len(self.has) < len(images):
             if self.store is not None:
                 self._grow(len(images), self.store.shape[1:])
         missing = positions if self.store is None else positions[~self.has[positions]]
         done = 0
+        on_device = isinstance(images, torch.Tensor)
+        pad = self.preprocess.device.type == "cuda"
         self.trunk.eval()
         with torch.inference_mode():
             for start in range(0, len(missing), self.batch_size):
@@ -93,14 +103,18 @@ class ActivationCache:
                     break
                 idx = missing[start:start + self.batch_size]
                 started = time.monotonic()
-                x = self.preprocess(images[idx], self.size)
+                chosen = images[torch.from_numpy(idx).to(images.device)] if on_device else images[idx]
+                x = self.preprocess(chosen, self.size)
                 if self.flip:
                     x = torch.flip(x, dims=[3])
+                n = x.shape[0]
+                if pad and n < self.batch_size:
+                    x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
                 with inference_autocast(self.preprocess.device, self.cpu_bf16):
-                    out = self.trunk(x)
-                out = out.float().cpu().to(torch.float16)
+                    out = self.trunk(x)[:n]
+                out = out.float().to(self.store_device).to(torch.float16)
                 self._grow(len(images), out.shape[1:])
-                self.store[torch.from_numpy(idx)] = out
+                self.store[torch.from_numpy(idx).to(self.store_device)] = out
                 self.has[idx] = True
                 done += len(idx)
                 if self.rate is not None:
@@ -111,7 +125,7 @@ class ActivationCache:
         positions = np.asarray(positions)
         if not self.has[positions].all():
             raise RuntimeError("activations requested before they were computed")
-        x = self.store[torch.from_numpy(positions)].to(device, non_blocking=True).float()
+        x = self.store[torch.from_numpy(positions).to(self.store_device)].to(device, non_blocking=True).float()
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     def bytes_per_example(self) -> int:
@@ -121,13 +135,14 @@ class ActivationCache:
 
 
 def top_features(top: nn.Module, cache: ActivationCache, positions: np.ndarray, device,
-                 batch_size: int = 256) -> torch.Tensor:
-    """Pooled features of the (frozen, eval-mode) top over cached activations (in the cache's precision)."""
+                 batch_size: int = 256, out_device: str | torch.device = "cpu") -> torch.Tensor:
+    """Pooled features of the (frozen, eval-mode) top over cached activations (in the cache's precision),
+    gathered on `out_device` (the GPU keeps them there for the probe's head)."""
     top.eval()  # the shared frozen top stays in eval mode (restoring train() would flip its BN layers)
     outs = []
     with torch.inference_mode():
         for start in range(0, len(positions), batch_size):
             x = cache.get(positions[start:start + batch_size], device)
             with inference_autocast(torch.device(device), cache.cpu_bf16):
-                outs.append(top(x).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0)
+                outs.append(top(x).float().to(out_device))
+    return torch.cat(outs) if outs else torch.zeros(0, device=out_device)

@@ -202,12 +202,17 @@ def best_fixed(knowledge: "Knowledge", candidates: set[str] | None = None) -> st
 
 
 def choose_stratum(strata: dict, device_kind: str, time_budget: float, cpu_count: int | None = None):
-    """(time_budget, hardware) of the runs to learn from: same device kind if any, nearest budget (log scale),
-    then nearest CPU count, then most runs."""
-    if not strata:
-        return None
+    """(time_budget, hardware) of the runs to learn from: the same device kind, nearest budget (log scale),
+    then nearest CPU count, then most runs; None when nothing was measured on this kind of device.
+
+    Why not fall back to another kind: rankings do not transfer between a 2-core CPU and a GPU (on
+    an H200 the CPU-measured default fine-tuned only the top of the network at 64 px, the
+    GPU's own default does far better); the solver's device default is the honest choice there.
+    """
     same_kind = {s: n for s, n in strata.items() if s[1].startswith(device_kind)}
-    pool = same_kind or strata
+    if not same_kind:
+        return None
+    pool = same_kind
     cpus = cpu_count or os.cpu_count() or 1
 
     def cost(item):
@@ -672,7 +677,8 @@ def select_pipeline(metadata, store: str | os.PathLike | None = None) -> tuple[P
     try:
         selector = _selector_for(path)
         if selector.empty:
-            return PipelineConfig(), f"default pipeline (store {path.name} holds no usable run)"
+            return PipelineConfig(), (f"device default pipeline (store {path.name} holds no usable run "
+                                      f"measured on this kind of hardware, {current_device_kind()})")
         pipeline_id, reason = selector.choose(vector)
     except Exception as exc:  # a broken store must never stop the solver
         log.warning("meta-knowledge store unusable (%s): default pipeline", exc)

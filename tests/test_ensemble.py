@@ -62,3 +62,26 @@ def test_too_little_validation_means_the_newest_candidate():
     pool.add(Candidate("finetune@64x64:1", np.ones((3, 2)), 1 - y))
     probs, best, name = pool.predict(y)
     assert name == "finetune@64x64:1" and not np.isfinite(best) and np.allclose(probs, 1)
+
+
+def test_a_gain_on_a_tiny_split_is_within_noise_but_the_same_gain_on_a_large_one_is_not():
+    """The H200 case: on a 25-image validation split a checkpoint 'won' by ~0.1 NAUC and lost 0.12 on test."""
+    from autodl_core.ensemble import paired_gain_se
+    from autodl_core.metrics import nauc
+
+    rng = np.random.default_rng(3)
+
+    def split(n):
+        y = np.eye(2)[rng.integers(0, 2, n)]
+        signal = y[:, 1] * 2 - 1
+        old = 1 / (1 + np.exp(-(0.9 * signal + rng.normal(0, 1.0, n))))  # the probe
+        new = 1 / (1 + np.exp(-(1.2 * signal + rng.normal(0, 1.0, n))))  # a checkpoint, a bit better
+        return y, np.stack([1 - new, new], 1), np.stack([1 - old, old], 1)
+
+    y, new, old = split(25)
+    se_small = paired_gain_se(y, new, old, nauc)
+    y, new, old = split(4000)
+    se_large = paired_gain_se(y, new, old, nauc)
+    assert se_small > 0.06  # a 0.1 gain is within 2 SE on 25 images
+    assert se_large < 0.025  # ... and far beyond it on 4,000
+    assert paired_gain_se(y[:1], new[:1], old[:1], nauc) == float("inf")

@@ -15,7 +15,9 @@ from tools.errors import UserInputError  # re-exported: tools.cli.UserInputError
 SUBCOMMANDS = {
     "convert": "tools.convert",
     "run": "tools.runner",
+    "run-npz": "tools.npz_run",
     "bench": "tools.bench",
+    "bench-npz": "tools.bench_npz",
     "meta-train": "tools.meta_train",
     "package": "tools.package",
     "demo": "tools.demo",

@@ -1,0 +1,67 @@
+"""The GPU's plan (images kept on the device as uint8 tensors, probe features kept where they are
+computed, large batches with a scaled learning rate, random resized crops) exercised on a CPU:
+the same code paths a GPU takes, minus CUDA itself, on in-memory data (no TensorFlow)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pretrained = pytest.importorskip("pretrained")
+
+from autodl_core.arrays import ArrayDataset, ArrayMetadata  # noqa: E402
+from autodl_core.config import PipelineConfig  # noqa: E402
+from autodl_core.device_plan import DevicePlan  # noqa: E402
+from autodl_core.metrics import nauc  # noqa: E402
+from autodl_core.solver import Solver  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not pretrained.weights_available("mobilenetv2_100"),
+                                reason="MobileNetV2 weights not installed")
+
+
+def digits_arrays():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]
+    y = np.eye(10, dtype=np.float32)[digits.target]
+    order = np.random.default_rng(0).permutation(len(x))
+    return ArrayDataset(x[order[:1400]], y[order[:1400]]), ArrayDataset(x[order[1400:]], y[order[1400:]])
+
+
+def test_full_finetuning_with_the_gpu_plan_keeps_images_as_device_tensors():
+    train, test = digits_arrays()
+    config = PipelineConfig(strategy="finetune", gpu_batch_size=96, patience_slices=100)
+    solver = Solver(ArrayMetadata(train, "digits"), config, device="cpu")
+    # what plan_for gives a GPU, on this CPU: 64-image feature batches keep the test quick
+    solver.plan = DevicePlan("cuda", feature_batch=64, predict_batch=64, images_on_device=True)
+    start, budget, history = time.monotonic(), 45.0, []
+    while not solver.done_training and time.monotonic() - start < budget:
+        solver.train(train, start + budget - time.monotonic())
+        history.append(solver.test(test, start + budget - time.monotonic()))
+    assert isinstance(solver._images("train"), torch.Tensor) and solver._images("train").dtype == torch.uint8
+    assert len(solver._images("train")) == len(solver.train_x) and len(solver._images("test")) == len(test)
+    assert solver.probe_size == (96, 96)  # the GPU's upsampled probe for 8 px digits
+    assert solver.tuner is not None and solver.tuner.steps > 0 and solver.tuner.batch_size == 96
+    assert solver.tuner.random_crops
+    stats = solver.stats()
+    assert stats["strategy"] == "finetune" and stats["train_images_per_s"] > 0
+    assert all(p.shape == (len(test), 10) and np.isfinite(p).all() for p in history)
+    assert nauc(test.labels, history[-1]) > 0.95
+
+
+def test_random_resized_crops_stay_in_range_and_flip_only_when_asked():
+    from autodl_core.images import Preprocessor
+
+    pre = Preprocessor([0.0] * 3, [1.0] * 3, channels_last=False)
+    images = np.zeros((16, 20, 30, 1), np.uint8)
+    images[:, :, :15] = 255  # left half white
+    g = torch.Generator().manual_seed(0)
+    out = pre.augmented(images, (24, 24), flip=False, min_scale=1.0, generator=g)
+    assert out.shape == (16, 3, 24, 24) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.all(out[:, :, :, :8].mean(dim=(1, 2, 3)) > 0.9)  # full crops, no flip: left stays white
+    flipped = pre.augmented(images, (24, 24), flip=True, min_scale=1.0, generator=torch.Generator().manual_seed(1))
+    left_white = flipped[:, :, :, :8].mean(dim=(1, 2, 3)) > 0.9
+    assert 0 < int(left_white.sum()) < 16  # some flipped, some not
