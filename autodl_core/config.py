@@ -62,7 +62,7 @@ class PipelineConfig:
     max_resolution_growths: int = 2
     # A checkpoint replaces the prediction only when its validation gain exceeds this many standard
     # errors of the paired gain (bootstrap over the validation examples): tiny splits cannot fool it.
-    val_noise_z: float = 1.5
+    val_noise_z: float = 1.0
     val_fraction: float = 0.1
     val_max: int = 800
     memory_cap_gb: float = 4.0
