@@ -256,6 +256,7 @@ class Solver:
         per_step = tuner.seconds_per_step if tuner is not None else None
         return {
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "pipeline_id": self.config.pipeline_id(), "pipeline": self.config.to_dict(),
             "strategy": self.strategy, "stage": self.stage,
             "probe_size": list(getattr(self, "probe_size", ()) or ()),
             "finetune_size": list(getattr(self, "ft_size", ()) or ()),

@@ -5,7 +5,8 @@ machine), each dataset is decoded once and every pipeline runs on it in turn, ea
 the kit (tools/npz_run.py). One row per run: ALC, final NAUC, first-prediction time, GPU memory
 peak, images/s (fine-tuning steps and frozen features, as the solver measured them), the strategy
 the run used. Writes OUT/results.jsonl (one JSON line per run), OUT/table.md, and each run's
-scores/report under OUT/<dataset>/<pipeline>/.
+scores/report under OUT/<dataset>/<pipeline>/. `tools meta-train --import-npz OUT/results.jsonl`
+stores a GPU machine's rows as that hardware's stratum (tools/import_npz.py).
 
     tools bench-npz --code-dir . --datasets DATA/cifar10=120 DATA/pneumoniamnist=30 \\
                     --pipelines default,cpu-path --out OUT
@@ -72,6 +73,10 @@ def row_of(result: dict, dataset: str, pipeline: str) -> dict:
         "feature_images_per_s": stats.get("feature_images_per_s"),
         "init_s": None if result.get("init_seconds") is None else round(result["init_seconds"], 1),
         "device": result.get("device"), "error": result.get("error"),
+        "pipeline_id": stats.get("pipeline_id"), "pipeline_config": stats.get("pipeline"),
+        "dataset_dir": result.get("dataset_dir"), "code_version": result.get("code_version"),
+        "timestamps": [round(t, 3) for t in result.get("timestamps") or []],
+        "naucs": [round(v, 6) for v in result.get("naucs") or []],
     }
 
 
@@ -91,6 +96,7 @@ def bench_npz(code_dir, datasets: list[tuple[Path, float]], pipelines: list[tupl
               log=print) -> list[dict]:
     from autodl_core import arrays
     from tools.npz_run import run_npz
+    from tools.provenance import code_version
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,7 @@ def bench_npz(code_dir, datasets: list[tuple[Path, float]], pipelines: list[tupl
                 _reset_gpu_peak()
                 result = run_npz(code_dir, folder, budget, out / folder.name / name, pipeline_json=pipeline_json,
                                  data=data)
+                result["code_version"] = code_version(code_dir)
                 row = row_of(result, folder.name, name)
                 rows.append(row)
                 results.write(json.dumps(row) + "\n")

@@ -710,6 +710,12 @@ def _cli(args) -> int:
         made = make_variants(args.make_variants, args.variants_out, args.per_dataset, seed=args.seed, specs=specs)
         print(f"{len(made)} variant dataset(s) under {args.variants_out}")
         return 0
+    if args.import_npz:
+        from tools.import_npz import import_npz_bench
+
+        n = import_npz_bench(args.import_npz, store_path, seed=args.seed, code_version=args.code_version)
+        print(f"{n} bench-npz run(s) stored in {store_path} (seed {args.seed})")
+        return 0
     if args.import_bench:
         n = import_bench(args.import_bench, store_path, with_data_features=not args.no_data_features,
                          landmark_backbone=None if args.no_data_features else args.landmark_backbone,
@@ -792,6 +798,8 @@ def register(subparsers) -> None:
                       help="derive datasets from corpus folders (data.npz) or AutoDL folders")
     mode.add_argument("--import-bench", metavar="RESULTS_JSONL",
                       help="store our solver's runs from a `tools bench` results.jsonl (pipeline read from its logs)")
+    mode.add_argument("--import-npz", metavar="RESULTS_JSONL",
+                      help="store the GPU runs of a `tools bench-npz` results.jsonl as that hardware's stratum")
     mode.add_argument("--lodo-stores", metavar="DIR",
                       help="write DIR/<family>.sqlite: the store without each corpus family (end-to-end LODO)")
     mode.add_argument("--drop-study", metavar="STUDY",
@@ -826,6 +834,7 @@ def register(subparsers) -> None:
                         help="backbone of the frozen-feature landmarker (default %(default)s)")
     parser.add_argument("--no-throughput", action="store_true", help="skip measuring backbone throughput")
     parser.add_argument("--runner", default=DEFAULT_RUNNER, help=argparse.SUPPRESS)  # tests: a fake judge
+    parser.add_argument("--code-version", help="--import-npz: the code version of rows that do not record one")
     parser.add_argument("--hardware", help="--evaluate: hardware stratum (default: as the selector chooses)")
     parser.add_argument("--k", type=int, default=5, help="--evaluate: neighbours (default %(default)s)")
     parser.add_argument("--selector", choices=sorted(SELECTORS), default=DEFAULT_SELECTOR,
