@@ -145,7 +145,7 @@ def test_runs_in_one_process_share_decoded_data(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"dataset": "missing"}, "no data.npz"),
-    ({"code": "missing"}, "no model.py"),
+    ({"code": "missing"}, "code folder not found"),
     ({"budget": 0}, "positive"),
     ({"budget": "nan"}, "positive"),
     ({"pipeline": "{not json"}, "pipeline-json"),

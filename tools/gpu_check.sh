@@ -28,11 +28,11 @@ prepare() {
 }
 
 run() {
-  local out="${OUT:-runs/gpu}" py="${PYTHON:-python3}"
+  local out="${OUT:-runs/gpu}" py="${PYTHON:-python3}" site="${SITE_DIR:-${TMPDIR:-/tmp}/autodl-gpu-site}"
   mkdir -p "$out"
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     "$GPU_DIR"/whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD" AUTODL_WEIGHTS_DIR="$PWD/$GPU_DIR/weights" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+  export PYTHONPATH="$site:$PWD" AUTODL_WEIGHTS_DIR="$PWD/$GPU_DIR/weights" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   "$py" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__, "cuda", torch.cuda.is_available())'
   local args=()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import re
 import resource
@@ -44,20 +43,13 @@ class BudgetExceeded(BaseException):
 
 
 def validate_inputs(code_dir, dataset_dir, time_budget, init_limit) -> tuple[Path, Path, float]:
-    code_dir, dataset_dir = Path(code_dir), Path(dataset_dir)
-    if not (code_dir / "model.py").is_file():
-        raise UserInputError(f"no model.py in code folder {code_dir}")
+    from tools.runner import validate_run_inputs
+
+    code_dir, time_budget = validate_run_inputs(code_dir, time_budget, init_limit)
+    dataset_dir = Path(dataset_dir)
     if not (dataset_dir / "data.npz").is_file():
         raise UserInputError(f"no data.npz in {dataset_dir} (expected a corpus dataset folder)")
-    try:
-        time_budget = float(time_budget)
-    except (TypeError, ValueError):
-        raise UserInputError(f"time budget must be a number of seconds, got {time_budget!r}") from None
-    if not (time_budget > 0 and math.isfinite(time_budget)):
-        raise UserInputError(f"time budget must be a positive number of seconds, got {time_budget}")
-    if not (init_limit > 0):
-        raise UserInputError(f"init limit must be positive, got {init_limit}")
-    return code_dir.resolve(), dataset_dir.resolve(), time_budget
+    return code_dir, dataset_dir.resolve(), time_budget
 
 
 def run_npz(code_dir, dataset_dir, time_budget: float, out_dir, pipeline_json: str | None = None,

@@ -81,10 +81,8 @@ def kill_process_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS
     proc.wait()
 
 
-def validate_inputs(code_dir, dataset_dir, time_budget, tf_mode, init_limit):
-    """Clear errors for the user's inputs; returns (code_dir, TaskPaths)."""
-    from tools.autodl_format import find_task
-
+def validate_run_inputs(code_dir, time_budget, init_limit) -> tuple[Path, float]:
+    """Clear errors for what every runner takes (`tools run`, `tools run-npz`): (code_dir, time_budget)."""
     code_dir = Path(code_dir)
     if not code_dir.is_dir():
         raise UserInputError(f"code folder not found: {code_dir}")
@@ -96,12 +94,20 @@ def validate_inputs(code_dir, dataset_dir, time_budget, tf_mode, init_limit):
         raise UserInputError(f"time budget must be a number of seconds, got {time_budget!r}") from None
     if not (time_budget > 0 and math.isfinite(time_budget)):
         raise UserInputError(f"time budget must be a positive number of seconds, got {time_budget}")
-    if tf_mode not in ("graph", "eager"):
-        raise UserInputError(f"tf mode must be 'graph' or 'eager', got {tf_mode!r}")
     if not (init_limit > 0):
         raise UserInputError(f"init limit must be positive, got {init_limit}")
+    return code_dir.resolve(), time_budget
+
+
+def validate_inputs(code_dir, dataset_dir, time_budget, tf_mode, init_limit):
+    """Clear errors for the user's inputs; returns (code_dir, TaskPaths, time_budget)."""
+    from tools.autodl_format import find_task
+
+    code_dir, time_budget = validate_run_inputs(code_dir, time_budget, init_limit)
+    if tf_mode not in ("graph", "eager"):
+        raise UserInputError(f"tf mode must be 'graph' or 'eager', got {tf_mode!r}")
     task = find_task(dataset_dir)
-    return code_dir.resolve(), task, time_budget
+    return code_dir, task, time_budget
 
 
 class Progress:
