@@ -244,6 +244,9 @@ def load_corpus_npz(folder, shuffle_seed: int | None = None) -> tuple[ArrayDatas
             images = _npz_pixels(z["x"], path) if "x" in keys else _decode_all(z["encoded"], z["offsets"], path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # pickled objects, truncated or not npz
         message = str(exc)
+        if "allow_pickle" in message:
+            message = ("holds pickled Python objects (object arrays), refused: loading them can run code; "
+                       "save plain numeric arrays")
         raise ValueError(message if str(path) in message else f"{path}: {message}") from None
     if y.ndim != 2 or is_test.ndim != 1:
         raise ValueError(f"{path}: y must be N x K and is_test N, got shapes {y.shape} and {is_test.shape}")

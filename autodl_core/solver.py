@@ -64,6 +64,8 @@ class Solver:
         self.done_training = False
         self.stage = "thumbnails"
         self.calls = 0
+        self.test_calls = 0
+        self._test_reader, self._test_parts = None, []  # the test set, read over several calls if need be
         self.profile: DataProfile | None = None
         self.train_reader = None
         self.train_x = self.train_y = None
@@ -232,10 +234,11 @@ class Solver:
     def test(self, dataset, remaining_time_budget: float):
         started = time.monotonic()
         deadline = started + float(remaining_time_budget) - SAFETY_SECONDS
+        self.test_calls += 1
         try:
             if self.test_x is None:
                 self._read_test(dataset, deadline)
-            if self.pending is None and deadline - time.monotonic() > 0.5:
+            if self.test_x is not None and self.pending is None and deadline - time.monotonic() > 0.5:
                 self._deadline = deadline
                 self.pending = self._predict_pending(deadline)
             if self.pending is not None:
@@ -248,6 +251,8 @@ class Solver:
         result = self.last_good if self.last_good is not None else self._prior_predictions()
         if deadline - time.monotonic() < 1.0:
             self.done_training = True
+        log.info("test call %d took %.1fs; remaining %.1fs", self.test_calls, time.monotonic() - started,
+                 deadline - time.monotonic())
         return result
 
     def stats(self) -> dict:
@@ -333,15 +338,28 @@ class Solver:
         return chosen
 
     def _read_test(self, dataset, deadline: float):
+        """Read the test set; when the deadline comes first (a short budget, large images, a busy CPU),
+        stop and go on at the next call: this call then returns prior predictions, whose row count the
+        metadata declares. Without a declared count the read goes on (the rows must be right)."""
         if self.profile is None:  # test before train: cannot happen with the kit, but be safe
             self._open_train(dataset, read_train=False)
-        reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset, self.value_scale)
-        xs = []
+        if self._test_reader is None:
+            self._test_reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
+                                                    self.value_scale)
+        can_stop = readers.declared_test_count(self.metadata) is not None
+        reader, parts = self._test_reader, self._test_parts
         while not reader.exhausted:
-            chunk = reader.read(max_examples=4096)
+            chunk = reader.read(max_examples=4096, deadline=deadline if can_stop else None)
             if chunk is None:
                 break
-            xs.append(chunk[0])
+            parts.append(chunk[0])
+            if can_stop and time.monotonic() >= deadline and not reader.exhausted:
+                self.n_test = readers.declared_test_count(self.metadata)
+                log.info("test set: %d examples read when the deadline came; reading goes on next call",
+                         sum(len(p) for p in parts))
+                return
+        xs = parts
+        self._test_reader, self._test_parts = None, []
         self.test_x = np.concatenate(xs) if xs else np.zeros((0,) + tuple(self.profile.storage_hw) + (1,), np.uint8)
         if self.plan.images_on_device:
             self._mirror_on_device("test", self.test_x)

@@ -21,6 +21,7 @@ from .registry import (
 )
 from .weight_files import (
     WEIGHTS_DIR_ENV,
+    UnreadableWeightsError,
     WeightsNotFoundError,
     find_weight_file,
     weight_file_path,
@@ -31,6 +32,6 @@ from .weight_files import (
 __all__ = [
     "BackboneSpec", "WeightSource", "register_backbone", "list_backbones", "get_spec", "normalizer",
     "create_backbone", "export_weights", "load_weights", "weights_available", "weight_file_path",
-    "weight_file_size", "find_weight_file", "WEIGHTS_DIR_ENV", "WeightsNotFoundError",
+    "weight_file_size", "UnreadableWeightsError", "find_weight_file", "WEIGHTS_DIR_ENV", "WeightsNotFoundError",
     "IncompatibleWeightsError", "KeyMappingError",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -25,6 +26,11 @@ from .registry import BackboneSpec, get_spec
 
 WEIGHTS_DIR_ENV = "AUTODL_WEIGHTS_DIR"
 EXPORT_SUFFIXES = (".safetensors", ".pt")
+
+
+class UnreadableWeightsError(ValueError):
+    """A weight file that is not a state dict of tensors: corrupt, or a pickle holding other objects
+    (refused by ``torch.load(weights_only=True)``: unpickling arbitrary objects can run code)."""
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -146,17 +152,31 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = dict(handle.metadata() or {})
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises its own SafetensorError for a corrupt header
+            raise UnreadableWeightsError(f"{path}: not a readable safetensors file ({error})") from None
     else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refuses globals other than tensors and plain containers
+            raise UnreadableWeightsError(f"{path}: not a weight file of tensors: it holds pickled Python objects, "
+                                         "which torch.load(weights_only=True) refuses (unpickling them could run "
+                                         "code)") from None
+        except Exception as error:  # EOFError (cut short), RuntimeError (not a torch file)...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UnreadableWeightsError(f"{path}: not a readable torch weight file ({first})") from None
         metadata = {}
         if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
             metadata = {str(k): str(v) for k, v in loaded.get("metadata", {}).items()}
             loaded = loaded["state_dict"]
         if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            raise ValueError(f"{path}: not a state dict of tensors")
+            bad = next((k for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None) \
+                if isinstance(loaded, Mapping) else None
+            raise UnreadableWeightsError(f"{path}: not a state dict of tensors"
+                                         + (f" (entry {bad!r} is a {type(loaded[bad]).__name__})" if bad else ""))
         state = dict(loaded)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, metadata

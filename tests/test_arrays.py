@@ -307,7 +307,7 @@ def test_load_corpus_errors(tmp_path):
         (dict(x=np.zeros((3, 4, 4, 1), np.uint8), y=np.eye(3), is_test=np.array([0, 1], bool)), "3 images, 3 label"),
         (dict(x=np.zeros((3, 4, 4, 1), np.uint8), y=np.eye(3), is_test=np.zeros(3, bool)), "test split is empty"),
         (dict(x=np.array([np.zeros(2), "a"], dtype=object), y=np.eye(2), is_test=np.array([0, 1], bool)),
-         "allow_pickle"),
+         "pickled Python objects"),
         (dict(encoded=np.zeros(5, np.uint8), offsets=np.array([0, 9]), y=np.eye(1), is_test=np.ones(1, bool)),
          "offsets"),
         (dict(encoded=np.zeros(5, np.uint8), offsets=np.array([0, 5]), y=np.eye(1), is_test=np.ones(1, bool)),

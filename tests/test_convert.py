@@ -98,7 +98,12 @@ def test_image_folder_split_skips_and_reports(tmp_path, capsys):
     (tmp_path / "pets" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "pets" / "dog" / "notes.txt").write_text("not an image")
     assert detect_kind(tmp_path / "pets") == "folder"
-    assert run_cli(tmp_path / "pets", "--out", tmp_path / "out", "--test-fraction", "0.4") == 0
+    # By default the first undecodable image stops the conversion, naming it; nothing is left behind.
+    assert run_cli(tmp_path / "pets", "--out", tmp_path / "out", "--test-fraction", "0.4") == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "cannot decode" in err and "--skip-bad-images" in err
+    assert not (tmp_path / "out" / "pets").exists() and not list((tmp_path / "out").glob(".*partial*"))
+    assert run_cli(tmp_path / "pets", "--out", tmp_path / "out", "--test-fraction", "0.4", "--skip-bad-images") == 0
     out = capsys.readouterr().out
     assert "SKIPPED 1 unreadable" in out and "broken.jpg" in out
     assert "1 non-image file(s) ignored" in out

@@ -259,3 +259,22 @@ def test_full_finetune_path_runs_on_cpu_with_growth_and_flip():
     probs = solver._predict_finetune(time.monotonic() + 60)
     assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
     assert not solver._grow_resolution(time.monotonic() + 120)  # max_resolution_growths=1
+
+
+def test_test_set_read_stops_at_the_deadline_and_goes_on_next_call(monkeypatch):
+    """A test call whose deadline comes before the test set is read returns prior predictions of the
+    declared size (the kit's metadata says how many) and goes on reading at the next call."""
+    from autodl_core import readers
+    from autodl_core.solver import SAFETY_SECONDS
+
+    x_tr, y_tr, x_te, y_te = digits_task()
+    monkeypatch.setattr(readers, "declared_test_count", lambda metadata: len(x_te))
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig())
+    train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+    solver.train(train_ds, 30)
+    early = solver.test(test_ds, SAFETY_SECONDS + 0.01)  # the deadline is now: one chunk at most
+    assert early.shape == (len(x_te), 10) and solver.test_x is None
+    assert np.allclose(early, early[0])  # the label prior, not a model's predictions
+    later = solver.test(test_ds, 30)
+    assert solver.test_x is not None and len(solver.test_x) == len(x_te)
+    assert later.shape == (len(x_te), 10) and nauc(y_te, later) > 0.9

@@ -104,14 +104,15 @@ def _ingestion_rss(root: psutil.Process) -> int:
 
 
 def run_kit_judge(code: str, dataset_dir: Path, time_budget: float, out_dir: Path, tf_mode: str,
-                  kit_run: str, kit_git: str, no_copy_code: bool) -> dict:
-    """One kit_run call, with the ingestion tree's peak RSS sampled meanwhile; returns a result row."""
+                  kit_run: str, kit_git: str, no_copy_code: bool, extra_env: dict | None = None) -> dict:
+    """One kit_run call, with the ingestion tree's peak RSS sampled meanwhile; returns a result row.
+    `extra_env`: variables set for the kit's processes only (e.g. AUTODL_PIPELINE_JSON)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, kit_run, "--code-dir", code, "--dataset-dir", str(dataset_dir),
            "--time-budget", repr(float(time_budget)), "--out", str(out_dir), "--tf-mode", tf_mode, "--kit", kit_git]
     if no_copy_code:
         cmd.append("--no-copy-code")  # ours: the repo root is far too big to copy (venv, runs...)
-    env = {**os.environ, "KIT_PYTHON": os.environ.get("KIT_PYTHON", sys.executable)}
+    env = {**os.environ, "KIT_PYTHON": os.environ.get("KIT_PYTHON", sys.executable), **(extra_env or {})}
     wall0 = time.time()
     peak = 0
     with open(out_dir / "kit_run.log", "wb") as log:

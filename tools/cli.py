@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "meta-train": "tools.meta_train",
     "package": "tools.package",
     "demo": "tools.demo",
+    "faults": "tools.faults.suite",
 }
 
 

@@ -12,12 +12,13 @@ import os
 import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from tools.autodl_format import WriteReport, write_autodl_dataset
+from tools.autodl_format import BadImageError, WriteReport, write_autodl_dataset
 from tools.errors import UserInputError
 
 KINDS = ("corpus", "npz", "folder", "csv")
@@ -143,6 +144,21 @@ def load_npz(path: Path, kind: str, args) -> Source:
         data = np.load(npz_path, allow_pickle=False)
     except Exception as exc:
         raise UserInputError(f"cannot read {npz_path} as a numpy .npz: {exc}") from None
+    with data:
+        try:
+            return _npz_source(npz_path, data, info, kind, args)
+        except UserInputError:
+            raise
+        except ValueError as exc:  # numpy refuses object arrays: allow_pickle=False
+            if "allow_pickle" in str(exc):
+                raise UserInputError(f"{npz_path} holds pickled Python objects (object arrays), refused: loading "
+                                     "them can run code; save plain numeric arrays (np.savez of uint8 images)") from None
+            raise UserInputError(f"{npz_path}: {exc}") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a truncated or corrupt member
+            raise UserInputError(f"{npz_path}: cannot read ({exc})") from None
+
+
+def _npz_source(npz_path: Path, data, info: dict, kind: str, args) -> Source:
     keys = set(data.files)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
         images = _npz_images(data, "x_train") + _npz_images(data, "x_test")
@@ -211,6 +227,7 @@ def _class_names(args, info: dict, width: int, where) -> list[str] | None:
 
 def load_folder(path: Path, args) -> Source:
     """One sub-folder per class (any depth below it), or train/ and test/ each holding class sub-folders."""
+    _check_entries(path)
     subdirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
     presplit = {"train", "test"} <= set(subdirs)
     ignored: list[Path] = []
@@ -254,14 +271,40 @@ def load_folder(path: Path, args) -> Source:
     return source
 
 
+def _files_below(folder: Path) -> list[Path]:
+    """Every file under `folder`; a folder that cannot be listed is an error naming it (never skipped:
+    a class folder silently missing its images would change the dataset without a word)."""
+    def fail(error: OSError):
+        raise UserInputError(f"{error.filename or folder}: cannot list this folder ({error.strerror or error})")
+
+    files = []
+    for here, _dirs, names in os.walk(folder, onerror=fail, followlinks=True):
+        files += [Path(here) / n for n in names if (Path(here) / n).is_file()]
+    return files
+
+
+def _check_entries(root: Path) -> None:
+    """Entries of `root` that cannot be read (a dangling or looping link, no permission): an error naming them."""
+    try:
+        entries = list(root.iterdir())
+    except OSError as exc:
+        raise UserInputError(f"{root}: cannot list this folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        try:
+            entry.stat()
+        except OSError as exc:
+            raise UserInputError(f"{entry}: cannot read ({exc.strerror or exc})") from None
+
+
 def _scan_class_folders(root: Path, ignored: list) -> dict:
+    _check_entries(root)
     classes = {}
     for class_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
         if class_dir.name.startswith("."):
             continue
         images = []
-        for f in sorted(class_dir.rglob("*"), key=lambda p: _natural_key(str(p))):
-            if not f.is_file() or f.name.startswith("."):
+        for f in sorted(_files_below(class_dir), key=lambda p: _natural_key(str(p))):
+            if f.name.startswith("."):
                 continue
             (images if f.suffix.lower() in IMAGE_SUFFIXES else ignored).append(f)
         classes[class_dir.name] = images
@@ -379,11 +422,16 @@ def convert(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (imported to write) is chatty on stderr
     source = LOADERS[kind](source_path, args)
     progress = _Progress(len(source.train), len(source.test)) if not args.quiet else None
-    report = write_autodl_dataset(args.out, source.name, source.train, source.test, source.output_dim,
-                                  class_names=source.class_names, shard_size=args.shard_size,
-                                  overwrite=args.overwrite, progress=progress,
-                                  extra_info={"source": source.description, "kind": kind, "seed": args.seed,
-                                              "notes": source.notes})
+    try:
+        report = write_autodl_dataset(args.out, source.name, source.train, source.test, source.output_dim,
+                                      class_names=source.class_names, shard_size=args.shard_size,
+                                      overwrite=args.overwrite, progress=progress,
+                                      skip_undecodable=args.skip_bad_images,
+                                      extra_info={"source": source.description, "kind": kind, "seed": args.seed,
+                                                  "notes": source.notes})
+    except BadImageError as exc:
+        raise UserInputError(f"{exc} (nothing written; --skip-bad-images converts the rest and lists the "
+                             "images left out)") from None
     if progress:
         progress.done()
     print(summary_text(source, report, time.perf_counter() - started))
@@ -455,5 +503,8 @@ def register(subparsers) -> None:
                                                        "the test split is always one file")
     parser.add_argument("--class-names", help="text file with one class name per line (overrides info.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT/NAME if it exists")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave undecodable images out (listed in the summary and <name>_conversion.json) "
+                             "instead of stopping at the first one with an error naming it")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     parser.set_defaults(func=convert)

@@ -170,7 +170,7 @@ def export_weight_file(name: str, dest: Path, *, half: bool = False) -> Path:
     """
     import torch
 
-    from pretrained import WeightsNotFoundError, export_weights, get_spec
+    from pretrained import IncompatibleWeightsError, UnreadableWeightsError, WeightsNotFoundError, export_weights, get_spec
     from pretrained.weight_files import read_state_dict
 
     try:
@@ -180,7 +180,7 @@ def export_weight_file(name: str, dest: Path, *, half: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="export_") as scratch:
         try:
             exported = export_weights(name, scratch, half=half, include_classifier=False)
-        except WeightsNotFoundError as error:
+        except (WeightsNotFoundError, UnreadableWeightsError, IncompatibleWeightsError) as error:
             raise UserInputError(f"cannot ship backbone {name!r}: {error}") from None
         state, metadata = read_state_dict(exported)  # floats come back as fp32
         if half:
