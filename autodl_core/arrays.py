@@ -22,7 +22,7 @@ import numpy as np
 
 from autodl_core.tfreader import PeekResult
 
-# PIL modes that `tools convert` stores as one channel (tools.autodl_format._GRAY_MODES): a dataset
+# PIL modes that `tools convert` stores as one channel (autodl_core.autodl_format._GRAY_MODES): a dataset
 # is grey when every image is, otherwise every image becomes RGB, as the kit then decodes them.
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -135,8 +135,9 @@ class ArrayMetadata:
         return f"<in-memory>/{self.name}"
 
 
-def peek(dataset: ArrayDataset, n: int = 48) -> PeekResult:
-    """tfreader.peek on the first n examples: sizes, channels, value range in the array's units, labels."""
+def peek(dataset: ArrayDataset, n: int = 48, deadline: float | None = None) -> PeekResult:
+    """tfreader.peek on the first n examples: sizes, channels, value range in the array's units, labels
+    (in memory: no decoding, the deadline is not needed)."""
     m = min(int(n), len(dataset))
     heights, widths = dataset.sizes()
     if dataset.fixed_size:

@@ -31,11 +31,13 @@ def batched_forward(module: nn.Module, preprocess: Preprocessor, images, size, b
     module.eval()
     outputs = []
     pad = preprocess.device.type == "cuda"
+    last = 0.0  # seconds of the previous batch: give up before a batch that would end past the deadline
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                if deadline is not None and time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() + last > deadline:
                     return None
+                began = time.monotonic()
                 x = preprocess(images[start:start + batch_size], size)
                 if flip:
                     x = torch.flip(x, dims=[3])
@@ -44,6 +46,7 @@ def batched_forward(module: nn.Module, preprocess: Preprocessor, images, size, b
                     x = torch.cat([x, x[:1].expand(batch_size - n, *x.shape[1:])])
                 with autocast_for(preprocess.device):
                     outputs.append(module(x)[:n].float().cpu())
+                last = time.monotonic() - began
     finally:
         module.train(was_training)
     return torch.cat(outputs) if outputs else None
@@ -256,13 +259,16 @@ class FineTuner:
         """Probabilities of the EMA model over inputs get_inputs(positions) for positions 0..n-1."""
         self.ema.eval()
         outs = []
+        last = 0.0  # seconds of the previous batch (see batched_forward)
         with torch.inference_mode():
             for start in range(0, n, batch_size):
-                if deadline is not None and time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() + last > deadline:
                     return None
+                began = time.monotonic()
                 x = get_inputs(np.arange(start, min(n, start + batch_size)))
                 with autocast_for(self.device):
                     outs.append(self.ema(x).float().cpu())
+                last = time.monotonic() - began
         if not outs:
             return np.zeros((0, self.model.head.out_features))
         return probabilities(torch.cat(outs), self.multilabel)

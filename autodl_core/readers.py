@@ -16,8 +16,8 @@ def _reader_module(dataset):
     return arrays if isinstance(dataset, arrays.ArrayDataset) else tfreader
 
 
-def peek(dataset, n: int = 48) -> PeekResult:
-    return _reader_module(dataset).peek(dataset, n)
+def peek(dataset, n: int = 48, deadline: float | None = None) -> PeekResult:
+    return _reader_module(dataset).peek(dataset, n, deadline)
 
 
 def ChunkReader(dataset, storage_hw: tuple[int, int], offset: float = 0.0, scale: float = 255.0,  # noqa: N802

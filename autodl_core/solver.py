@@ -38,7 +38,9 @@ log = logging.getLogger("autodl_core.solver")
 
 
 SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
-FIRST_CHUNK_MAX = 4000  # examples read at most before the first (thumbnail) prediction
+FIRST_CHUNK_MAX = 4000
+PEEK_SECONDS = 1.0  # the first look at raw examples (sizes, channels, value range) stops after this
+MIN_STEP_SECONDS = 0.5  # a train call with less time than this left does no work (it could only overrun)  # examples read at most before the first (thumbnail) prediction
 
 
 def min_gain(best_score: float, cost_share: float) -> float:
@@ -65,6 +67,7 @@ class Solver:
         self.stage = "thumbnails"
         self.calls = 0
         self.test_calls = 0
+        self._returned_at, self._kit_seconds = None, 0.0  # the kit's own time between our calls (the most seen)
         self._test_reader, self._test_parts = None, []  # the test set, read over several calls if need be
         self.profile: DataProfile | None = None
         self.train_reader = None
@@ -213,9 +216,17 @@ class Solver:
         return self.rate.images_per_s(size)
 
     # ------------------------------------------------------------------ kit API
+    def _call_deadline(self, started: float, remaining_time_budget: float) -> float:
+        """When this call must return: the budget left, less the safety margin and the time the kit
+        itself took between our last return and this call (writing a prediction file: 2.3 s for
+        1,200 x 1,200 values on a slow CPU), which it will take again after our last prediction."""
+        if self._returned_at is not None:
+            self._kit_seconds = max(self._kit_seconds, started - self._returned_at)
+        return started + float(remaining_time_budget) - SAFETY_SECONDS - self._kit_seconds
+
     def train(self, dataset, remaining_time_budget: float) -> None:
         started = time.monotonic()
-        deadline = started + float(remaining_time_budget) - SAFETY_SECONDS
+        deadline = self._call_deadline(started, remaining_time_budget)
         self.calls += 1
         self._deadline = deadline
         if self.calls == 1:
@@ -223,17 +234,22 @@ class Solver:
         try:
             if self.train_reader is None:
                 self._open_train(dataset)
-            self._step(deadline)
+            if deadline - time.monotonic() < MIN_STEP_SECONDS and self.calls > 1:
+                log.info("train call %d: %.1fs left, too little for a step", self.calls, deadline - time.monotonic())
+                self.done_training = True
+            else:
+                self._step(deadline)
         except Exception:  # degrade, never crash: keep the last good predictions
             log.exception("train step failed in stage %s; keeping the last good predictions", self.stage)
             self._fallback_after_error()
         finally:
             log.info("train call %d (%s) took %.1fs; remaining %.1fs", self.calls, self.stage,
                      time.monotonic() - started, deadline - time.monotonic())
+            self._returned_at = time.monotonic()
 
     def test(self, dataset, remaining_time_budget: float):
         started = time.monotonic()
-        deadline = started + float(remaining_time_budget) - SAFETY_SECONDS
+        deadline = self._call_deadline(started, remaining_time_budget)
         self.test_calls += 1
         try:
             if self.test_x is None:
@@ -253,6 +269,7 @@ class Solver:
             self.done_training = True
         log.info("test call %d took %.1fs; remaining %.1fs", self.test_calls, time.monotonic() - started,
                  deadline - time.monotonic())
+        self._returned_at = time.monotonic()
         return result
 
     def stats(self) -> dict:
@@ -277,7 +294,7 @@ class Solver:
 
     # ------------------------------------------------------------------ data
     def _open_train(self, dataset, read_train: bool = True):
-        peek = readers.peek(dataset)
+        peek = readers.peek(dataset, deadline=time.monotonic() + PEEK_SECONDS)
         self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
         self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
                                                        self.config.memory_cap_gb)
@@ -285,8 +302,15 @@ class Solver:
         self.preprocess = Preprocessor(self.mean, self.std, pixel_max=255.0, device=self.device)
         if read_train:
             self.train_reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
-                                                     self.value_scale)
+                                                     self.value_scale, batch_size=self._read_batch())
         log.info("profile: %s", self.profile)
+
+    def _read_batch(self) -> int:
+        """Examples per read batch: 64 for images up to 256 x 256, fewer for larger ones, so that a batch
+        (decoded before the deadline is checked again) stays short: 64 photos of 2,000 px take ~3.5 s
+        to decode on a slow CPU, one takes ~55 ms."""
+        h, w = self.profile.median_hw
+        return int(np.clip(64 * (256 * 256) / max(1, h * w), 1, 64))
 
     def _read_more_train(self, deadline: float, max_examples: int | None = None) -> int:
         if self.train_reader.exhausted:
@@ -345,16 +369,18 @@ class Solver:
             self._open_train(dataset, read_train=False)
         if self._test_reader is None:
             self._test_reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
-                                                    self.value_scale)
-        can_stop = readers.declared_test_count(self.metadata) is not None
+                                                    self.value_scale, batch_size=self._read_batch())
+        declared = readers.declared_test_count(self.metadata)
+        can_stop = declared is not None
         reader, parts = self._test_reader, self._test_parts
-        while not reader.exhausted:
+        while not reader.exhausted and not (can_stop and sum(len(p) for p in parts) >= declared):
             chunk = reader.read(max_examples=4096, deadline=deadline if can_stop else None)
             if chunk is None:
                 break
             parts.append(chunk[0])
-            if can_stop and time.monotonic() >= deadline and not reader.exhausted:
-                self.n_test = readers.declared_test_count(self.metadata)
+            complete = reader.exhausted or (can_stop and sum(len(p) for p in parts) >= declared)
+            if can_stop and time.monotonic() >= deadline and not complete:
+                self.n_test = declared
                 log.info("test set: %d examples read when the deadline came; reading goes on next call",
                          sum(len(p) for p in parts))
                 return

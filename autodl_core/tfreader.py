@@ -132,12 +132,18 @@ class _BatchIterator:
             return None
 
 
-def peek(dataset, n: int = 48) -> PeekResult:
-    """Look at the first n raw examples (no resizing) to learn sizes, channels and value range."""
+PEEK_MIN_EXAMPLES = 4  # looked at even past the peek's deadline
+
+
+def peek(dataset, n: int = 48, deadline: float | None = None) -> PeekResult:
+    """Look at the first n raw examples (no resizing) to learn sizes, channels and value range; past the
+    deadline (time.monotonic()) stop after PEEK_MIN_EXAMPLES (decoding 48 photos of 2,000 px took 3.7 s)."""
     it = _BatchIterator(dataset.take(n))
     heights, widths, labels = [], [], []
     vmin, vmax, channels, frames = np.inf, -np.inf, 1, 1
     while True:
+        if deadline is not None and len(heights) >= PEEK_MIN_EXAMPLES and time.monotonic() > deadline:
+            break
         item = it.next()
         if item is None:
             break

@@ -71,6 +71,7 @@ class ActivationCache:
         self.store_device = torch.device(store_device)
         self.store: torch.Tensor | None = None
         self.has = np.zeros(0, bool)
+        self._seconds_per_image = 0.0  # measured at the last batch (0: not yet)
 
     def _grow(self, n: int, shape):
         if self.store is None:
@@ -81,6 +82,15 @@ class ActivationCache:
                                 device=self.store_device)
             self.store = torch.cat([self.store, extra])
             self.has = np.concatenate([self.has, np.zeros(n - len(self.has), bool)])
+
+    def _batch_limit(self, deadline: float | None) -> int:
+        """Examples in the next batch: the full batch, or, near the deadline, what fits in the time left at
+        the last measured speed (at least 8): the first batch of a call is computed even when little
+        time is left, and a full batch of 128 took ~2 s on a 2-core CPU shared with another process."""
+        if deadline is None or not self._seconds_per_image:
+            return self.batch_size
+        left = deadline - time.monotonic()
+        return int(np.clip(left / self._seconds_per_image, 8, self.batch_size))
 
     def ensure(self, images, positions: np.ndarray, deadline: float | None = None) -> int:
         """Compute missing activations for `positions` (in order) until done or the deadline; returns how many.
@@ -97,11 +107,14 @@ class ActivationCache:
         on_device = isinstance(images, torch.Tensor)
         pad = self.preprocess.device.type == "cuda"
         self.trunk.eval()
+        last = 0.0  # seconds of the previous batch: a batch that would end past the deadline is not begun
+        start = 0
         with torch.inference_mode():
-            for start in range(0, len(missing), self.batch_size):
-                if deadline is not None and done > 0 and time.monotonic() > deadline:
+            while start < len(missing):
+                if deadline is not None and done > 0 and time.monotonic() + last > deadline:
                     break
-                idx = missing[start:start + self.batch_size]
+                idx = missing[start:start + self._batch_limit(deadline)]
+                start += len(idx)
                 started = time.monotonic()
                 chosen = images[torch.from_numpy(idx).to(images.device)] if on_device else images[idx]
                 x = self.preprocess(chosen, self.size)
@@ -117,8 +130,10 @@ class ActivationCache:
                 self.store[torch.from_numpy(idx).to(self.store_device)] = out
                 self.has[idx] = True
                 done += len(idx)
+                last = time.monotonic() - started
+                self._seconds_per_image = last / len(idx)
                 if self.rate is not None:
-                    self.rate.update(len(idx) * self.size[0] * self.size[1], time.monotonic() - started)
+                    self.rate.update(len(idx) * self.size[0] * self.size[1], last)
         return done
 
     def get(self, positions: np.ndarray, device) -> torch.Tensor:

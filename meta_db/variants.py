@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.errors import UserInputError
+from autodl_core.errors import UserInputError
 
 PARENT_KEY = "meta_parent"
 DERIVATION_KEY = "meta_derivation"
@@ -117,7 +117,7 @@ def _load_npz(npz: Path) -> Source:
 
 
 def _load_autodl(path: Path) -> Source:
-    from tools.autodl_format import AutoDLDataset, find_task, read_solution
+    from autodl_core.autodl_format import AutoDLDataset, find_task, read_solution
 
     task = find_task(path)
     conversion = path / f"{task.name}_conversion.json"
@@ -189,7 +189,7 @@ def _transform(image, spec: VariantSpec):
 def derive_variant(source: Source, spec: VariantSpec, out_dir: str | Path, name: str | None = None,
                    overwrite: bool = False):
     """Write one variant of `source` as an AutoDL dataset under `out_dir`; returns the WriteReport."""
-    from tools.autodl_format import write_autodl_dataset
+    from autodl_core.autodl_format import write_autodl_dataset
 
     indices, columns = _select(source, spec)
     name = name or f"{source.name}__{spec.tag()}"

@@ -167,7 +167,7 @@ def test_variable_size_matches_tfreader():
 def test_corpus_order_matches_tools_convert(tmp_path):
     """The kit reads what `tools convert` wrote in the order load_corpus_npz gives (and the same pixels)."""
     _tf()
-    from tools.autodl_format import AutoDLDataset, find_task, read_solution
+    from autodl_core.autodl_format import AutoDLDataset, find_task, read_solution
     from tools.convert import convert
 
     folder = _corpus(tmp_path, "encoded", n=40)
@@ -293,7 +293,7 @@ def test_load_corpus_encoded_layout(tmp_path):
     grey = train.images[1]  # the grey PNG, replicated to RGB as the kit decodes it in a colour dataset
     assert np.array_equal(grey[:, :, 0], grey[:, :, 2])
     assert arrays.ArrayMetadata(train).get_matrix_size(0) == (-1, 5)
-    assert arrays.GRAY_MODES == __import__("tools.autodl_format", fromlist=["_GRAY_MODES"])._GRAY_MODES
+    assert arrays.GRAY_MODES == __import__("autodl_core.autodl_format", fromlist=["_GRAY_MODES"])._GRAY_MODES
 
 
 def test_load_corpus_errors(tmp_path):

@@ -65,6 +65,26 @@ def test_linear_head_as_linear_reproduces_its_logits():
     assert (head.predict_proba(x).argmax(1) == y.argmax(1)).mean() > 0.75  # not linearly separable
 
 
+def test_linear_head_stops_inside_a_step_when_its_deadline_has_passed():
+    """The deadline is checked at every loss evaluation: a fit whose deadline has already passed makes
+    the minimum number of evaluations (one L-BFGS step would make up to 25) and keeps the best point
+    evaluated, which is better than the prior it started from."""
+    from autodl_core.heads import MIN_EVALUATIONS
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 30)).astype(np.float32)
+    y = np.eye(4, dtype=np.float32)[(x[:, 0] > 0).astype(int) + 2 * (x[:, 1] > 0).astype(int)]
+    free = LinearHead(multilabel=False).fit(x, y, max_iter=40)
+    assert free.evaluations > MIN_EVALUATIONS
+    late = LinearHead(multilabel=False).fit(x, y, max_iter=40, deadline=0.0)  # monotonic time 0: long gone
+    assert late.evaluations == MIN_EVALUATIONS
+    assert torch.isfinite(late.weight).all() and late.weight.abs().sum() > 0
+    prior_loss = np.log(4)
+    probs = late.predict_proba(x)
+    late_loss = -np.log(probs[np.arange(len(y)), y.argmax(1)]).mean()
+    assert late_loss < prior_loss
+
+
 def test_multilabel_head_and_thumbnails():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 255, (60, 30, 20, 3), dtype=np.uint8)
@@ -134,3 +154,17 @@ def test_flip_tta_is_rechecked_on_every_checkpoint_while_on():
     forced = _FlipStub(True, broken)
     assert np.allclose(Solver._with_flip_tta(forced, good, 0.0, recheck=False), (good + broken) / 2)
     assert forced.flip_tta is True
+
+
+def test_call_deadline_keeps_the_kits_own_time_between_calls():
+    """The kit writes each prediction file between our test() and the next train(): the most it took
+    is kept free at the end, beside the safety margin."""
+    from autodl_core.solver import SAFETY_SECONDS, Solver
+
+    solver = Solver.__new__(Solver)  # only the deadline arithmetic: no backbone
+    solver._returned_at, solver._kit_seconds = None, 0.0
+    assert solver._call_deadline(100.0, 50.0) == 150.0 - SAFETY_SECONDS
+    solver._returned_at = 100.0
+    assert solver._call_deadline(102.5, 40.0) == 142.5 - SAFETY_SECONDS - 2.5  # 2.5 s of the kit's writing
+    solver._returned_at = 110.0
+    assert solver._call_deadline(110.1, 30.0) == pytest.approx(140.1 - SAFETY_SECONDS - 2.5)  # the most seen is kept

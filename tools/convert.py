@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from tools.autodl_format import BadImageError, WriteReport, write_autodl_dataset
+from autodl_core.autodl_format import BadImageError, WriteReport, write_autodl_dataset
 from tools.errors import UserInputError
 
 KINDS = ("corpus", "npz", "folder", "csv")
@@ -426,7 +426,7 @@ def convert(args) -> int:
         report = write_autodl_dataset(args.out, source.name, source.train, source.test, source.output_dim,
                                       class_names=source.class_names, shard_size=args.shard_size,
                                       overwrite=args.overwrite, progress=progress,
-                                      skip_undecodable=args.skip_bad_images,
+                                      skip_undecodable=getattr(args, "skip_bad_images", False),
                                       extra_info={"source": source.description, "kind": kind, "seed": args.seed,
                                                   "notes": source.notes})
     except BadImageError as exc:

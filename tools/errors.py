@@ -1,5 +1,5 @@
-"""Error types shared by the `tools` subcommands (a leaf module, so any tools module can import it without cycles)."""
+"""Error types of the `tools` subcommands; the class lives below every layer (autodl_core.errors) so
+that the dataset I/O and the store can raise it too."""
+from autodl_core.errors import UserInputError
 
-
-class UserInputError(ValueError):
-    """Bad input from the user (missing folder, wrong label width...): printed as a clear message, exit 2."""
+__all__ = ["UserInputError"]

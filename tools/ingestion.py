@@ -185,7 +185,7 @@ def ingest(code_dir: str, dataset_dir: str, output_dir: str, time_budget: float,
 
     status.set(stage="import")
     import_frameworks(tf_mode)
-    from tools.autodl_format import AutoDLDataset, find_task
+    from autodl_core.autodl_format import AutoDLDataset, find_task
 
     status.set(stage="datasets")
     task = find_task(dataset_dir, check_solution=False)

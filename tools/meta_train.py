@@ -436,7 +436,7 @@ def dataset_record(dataset_dir: Path, data_features: dict | None = None):
     from meta_db.metafeatures import metadata_features
     from meta_db.store import DatasetRecord
     from meta_db.variants import parent_of
-    from tools.autodl_format import AutoDLMetadata, find_task
+    from autodl_core.autodl_format import AutoDLMetadata, find_task
 
     task = find_task(dataset_dir)
     parent, family, derivation = parent_of(dataset_dir)

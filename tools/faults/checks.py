@@ -2,9 +2,11 @@
 
 - every prediction file: (test examples x output_dim) numbers, all finite, all in [0, 1];
 - no prediction stamped after T (the kit's own timestamps);
-- no solver call that ends more than `MAX_OVERRUN_S` past the deadline it was given (the solver
-  logs each call's time left against its deadline: "train call 3 (probe) took 2.1s; remaining 14.0s");
-- the kit's ingestion finished without a crash (status ok);
+- no solver call that ends more than `MAX_OVERRUN_S` past the deadline it was given, or past its own
+  start when that deadline had already passed (the solver logs each call's time left against its
+  deadline: "train call 3 (probe) took 2.1s; remaining 14.0s");
+- the kit's ingestion ended by itself (exit 0: no crash, not killed at T); the kit's scoring may still
+  fail where a solution cannot be scored (every label column constant), which is the judge's limit;
 - peak memory within the solver's data cap plus the frameworks' allowance.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 MAX_OVERRUN_S = 1.0
 _CALL_RE = re.compile(r"(train|test) call (\d+).*? took ([\d.]+)s; remaining (-?[\d.]+)s")
+_KIT_PREDICTION_RE = re.compile(r"\[\+\] (\d+) predictions made, time spent so far ([\d.]+) sec")
 
 
 def prediction_files(pred_dir: Path, task: str) -> list[Path]:
@@ -49,8 +52,17 @@ def check_predictions(pred_dir: Path, task: str, shape: tuple[int, int]) -> tupl
 
 
 def call_overruns(log_text: str) -> list[float]:
-    """Seconds past its deadline that each solver call ended (<= 0: in time), from the solver's log."""
-    return [-float(m.group(4)) for m in _CALL_RE.finditer(log_text)]
+    """Seconds past its deadline that each solver call ended (<= 0: in time), from the solver's log.
+
+    A call that starts with its deadline already past (a budget below the safety margin) is measured
+    from its start instead: it cannot end before it began, it must return at once."""
+    return [min(-float(m.group(4)), float(m.group(3))) for m in _CALL_RE.finditer(log_text)]
+
+
+def kit_prediction_times(log_text: str) -> list[float]:
+    """When the kit's ingestion saw each prediction made (its own clock, from its log): the record that
+    survives when the kit's scoring cannot score (a solution whose label columns are all equal)."""
+    return [float(m.group(2)) for m in _KIT_PREDICTION_RE.finditer(log_text)]
 
 
 def degradations(log_text: str) -> int:
@@ -61,8 +73,8 @@ def degradations(log_text: str) -> int:
 def verdict(row: dict) -> list[str]:
     """The promises a kit-case result row breaks (empty: all kept)."""
     broken = []
-    if row.get("status") != "ok":
-        broken.append(f"status {row.get('status')}")
+    if row.get("ingestion_rc") != 0:
+        broken.append(f"ingestion {row.get('status')} (exit {row.get('ingestion_rc')})")
     if row.get("n_predictions", 0) == 0:
         broken.append("no prediction")
     if row.get("prediction_problems"):

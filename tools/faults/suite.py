@@ -79,7 +79,7 @@ def cpu_neighbours(count: int):
 
 def run_kit_case(case: kit_cases.KitCase, dataset: Path, out_dir: Path, code: Path, kit_run: str,
                  kit_git: str) -> dict:
-    from tools.autodl_format import find_task, read_solution
+    from autodl_core.autodl_format import find_task, read_solution
     from tools.bench import run_kit_judge
 
     task = find_task(dataset)
@@ -93,12 +93,14 @@ def run_kit_case(case: kit_cases.KitCase, dataset: Path, out_dir: Path, code: Pa
     log_text = (out_dir / "ingestion.log").read_text(errors="replace") if (out_dir / "ingestion.log").is_file() else ""
     n_files, problems = checks.check_predictions(out_dir / "predictions", task.name, solution.shape)
     overruns = checks.call_overruns(log_text)
-    stamps = result.get("timestamps") or []
+    stamps = checks.kit_prediction_times(log_text)
+    summary = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").is_file() else {}
     row = {
         "case": case.name, "category": case.category, "what": case.what, "tf_mode": case.tf_mode,
         "time_budget": case.time_budget, "neighbours": case.neighbours, "pipeline": case.pipeline,
         "status": result["status"], "error": result.get("error"), "alc": result["alc"],
-        "n_predictions": result["n_predictions"], "prediction_files": n_files,
+        "ingestion_rc": summary.get("ingestion_rc"), "scoring_rc": summary.get("scoring_rc"),
+        "n_predictions": len(stamps), "scored_predictions": result["n_predictions"], "prediction_files": n_files,
         "first_prediction_s": stamps[0] if stamps else None, "last_prediction_s": stamps[-1] if stamps else None,
         "worst_overrun_s": max(overruns) if overruns else None, "solver_calls": len(overruns),
         "degraded_steps": checks.degradations(log_text),
@@ -112,31 +114,64 @@ def run_kit_case(case: kit_cases.KitCase, dataset: Path, out_dir: Path, code: Pa
 
 
 # ------------------------------------------------------------------ tool cases
-def run_tool_case(case: tool_cases.ToolCase, case_dir: Path) -> dict:
+def _tools_subprocess(argv: list[str], env: dict | None) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "tools", *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO_ROOT, timeout=600)
+    return proc.returncode, proc.stderr
+
+
+def _tools_in_process(argv: list[str], env: dict | None) -> tuple[int, str]:
+    """The same command through `tools.cli.main` in this process (the unit tests: no interpreter start,
+    no TensorFlow import per case); an exception other than a user-input error comes back as a traceback."""
+    import io
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from tools.cli import main
+
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except Exception:  # noqa: BLE001 - what a user would see: a traceback
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return code, err.getvalue()
+
+
+def run_tool_case(case: tool_cases.ToolCase, case_dir: Path, in_process: bool = False) -> dict:
     if case_dir.exists():
         shutil.rmtree(case_dir, ignore_errors=True)
     case_dir.mkdir(parents=True)
     call = case.build(case_dir, REPO_ROOT)
-    env = {**os.environ, **(call.env or {})}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tools", *call.argv], capture_output=True, text=True, env=env,
-                          cwd=REPO_ROOT, timeout=600)
-    message = (proc.stderr.strip().splitlines() or [""])[-1]
+    returncode, stderr = (_tools_in_process if in_process else _tools_subprocess)(call.argv, call.env)
+    message = (stderr.strip().splitlines() or [""])[-1]
     broken = []
-    if proc.returncode == 0:
+    if returncode == 0:
         broken.append("exit status 0")
-    if "Traceback" in proc.stderr:
+    if "Traceback" in stderr:
         broken.append("traceback instead of an error message")
-    if call.names not in proc.stderr:
+    if call.names not in stderr:
         broken.append(f"error does not name {call.names}")
-    if not any(word.lower() in proc.stderr.lower() for word in call.expect):
+    if not any(word.lower() in stderr.lower() for word in call.expect):
         broken.append(f"error does not say {' / '.join(call.expect)}")
     if call.output.exists():
         broken.append(f"{call.output.name} was written")
     leftovers = [p.name for p in call.output.parent.glob(".*partial*")] if call.output.parent.is_dir() else []
     if leftovers:
         broken.append(f"half-written {leftovers}")
-    return {"case": case.name, "category": "tools", "what": case.what, "exit_status": proc.returncode,
+    return {"case": case.name, "category": "tools", "what": case.what, "exit_status": returncode,
             "message": message[:300], "seconds": round(time.monotonic() - started, 1), "broken": broken,
             "code_version": code_version(REPO_ROOT)}
 

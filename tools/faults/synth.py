@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.autodl_format import metadata_text
+from autodl_core.autodl_format import metadata_text
 
 
 def class_patterns(n_classes: int, channels: int, seed: int, grid: int = 4) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tools.errors import UserInputError
+from autodl_core.errors import UserInputError
 
 SPLITS = ("train", "test")
 KIT_PARALLEL_READERS = 3  # the kit's num_parallel_readers: cycle length of its file interleave
