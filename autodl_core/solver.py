@@ -38,9 +38,9 @@ log = logging.getLogger("autodl_core.solver")
 
 
 SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
-FIRST_CHUNK_MAX = 4000
+FIRST_CHUNK_MAX = 4000  # examples read at most before the first (thumbnail) prediction
 PEEK_SECONDS = 1.0  # the first look at raw examples (sizes, channels, value range) stops after this
-MIN_STEP_SECONDS = 0.5  # a train call with less time than this left does no work (it could only overrun)  # examples read at most before the first (thumbnail) prediction
+MIN_STEP_SECONDS = 0.5  # a train call with less time than this left does no work (it could only overrun)
 
 
 def min_gain(best_score: float, cost_share: float) -> float:
@@ -232,12 +232,14 @@ class Solver:
         if self.calls == 1:
             self._clock_start = started
         try:
-            if self.train_reader is None:
-                self._open_train(dataset)
-            if deadline - time.monotonic() < MIN_STEP_SECONDS and self.calls > 1:
+            if deadline - time.monotonic() < MIN_STEP_SECONDS:
+                # Not even a first look at the data: a budget below the safety margin (T = 2 s) or the end
+                # of the run. test() still returns predictions of the right shape.
                 log.info("train call %d: %.1fs left, too little for a step", self.calls, deadline - time.monotonic())
                 self.done_training = True
             else:
+                if self.train_reader is None:
+                    self._open_train(dataset)
                 self._step(deadline)
         except Exception:  # degrade, never crash: keep the last good predictions
             log.exception("train step failed in stage %s; keeping the last good predictions", self.stage)
@@ -252,7 +254,10 @@ class Solver:
         deadline = self._call_deadline(started, remaining_time_budget)
         self.test_calls += 1
         try:
-            if self.test_x is None:
+            if self.test_x is None and deadline <= started and readers.declared_test_count(self.metadata) is not None:
+                # Begun past its deadline with no test example read: the prior, of the declared size, at once.
+                self.n_test = readers.declared_test_count(self.metadata)
+            elif self.test_x is None:
                 self._read_test(dataset, deadline)
             if self.test_x is not None and self.pending is None and deadline - time.monotonic() > 0.5:
                 self._deadline = deadline

@@ -63,6 +63,7 @@ def test_verdict_names_each_broken_promise():
     assert checks.verdict(_row(worst_overrun_s=0.9)) == []
     assert checks.verdict(_row(status="ingestion_died", ingestion_rc=-11, n_predictions=0)) == [
         "ingestion ingestion_died (exit -11)", "no prediction"]
+    assert checks.verdict(_row(ingestion_rc=-15)) == []  # ended with success, stopped while shutting down
     assert checks.verdict(_row(prediction_problems=["x"])) == ["malformed predictions"]
     assert "peak memory" in checks.verdict(_row(peak_memory_gb=8.0))[0]
 

@@ -278,3 +278,20 @@ def test_test_set_read_stops_at_the_deadline_and_goes_on_next_call(monkeypatch):
     later = solver.test(test_ds, 30)
     assert solver.test_x is not None and len(solver.test_x) == len(x_te)
     assert later.shape == (len(x_te), 10) and nauc(y_te, later) > 0.9
+
+
+def test_a_budget_below_the_safety_margin_gets_the_prior_at_once(monkeypatch):
+    """T below the solver's safety margin: no work begins (even the first look at the data could only
+    overrun); test() returns class priors of the declared size without reading the test set."""
+    from autodl_core import readers
+    from autodl_core.solver import SAFETY_SECONDS
+
+    x_tr, y_tr, x_te, y_te = digits_task()
+    monkeypatch.setattr(readers, "declared_test_count", lambda metadata: len(x_te))
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig())
+    train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+    solver.train(train_ds, SAFETY_SECONDS - 1.0)
+    assert solver.done_training and solver.profile is None and solver.train_x is None
+    predictions = solver.test(test_ds, SAFETY_SECONDS - 1.5)
+    assert predictions.shape == (len(x_te), 10) and np.allclose(predictions, 0.1)
+    assert solver.test_x is None

@@ -5,8 +5,8 @@
 - no solver call that ends more than `MAX_OVERRUN_S` past the deadline it was given, or past its own
   start when that deadline had already passed (the solver logs each call's time left against its
   deadline: "train call 3 (probe) took 2.1s; remaining 14.0s");
-- the kit's ingestion ended by itself (exit 0: no crash, not killed at T); the kit's scoring may still
-  fail where a solution cannot be scored (every label column constant), which is the judge's limit;
+- the kit's ingestion ended by itself, its end.txt saying success (kit_run's status "ok": no crash,
+  not killed at T; kit_run may still stop an interpreter slow to shut down after that);
 - peak memory within the solver's data cap plus the frameworks' allowance.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def degradations(log_text: str) -> int:
 def verdict(row: dict) -> list[str]:
     """The promises a kit-case result row breaks (empty: all kept)."""
     broken = []
-    if row.get("ingestion_rc") != 0:
+    if row.get("status") != "ok":
         broken.append(f"ingestion {row.get('status')} (exit {row.get('ingestion_rc')})")
     if row.get("n_predictions", 0) == 0:
         broken.append("no prediction")
