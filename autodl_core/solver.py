@@ -495,9 +495,11 @@ class Solver:
                                            deadline=min(self._deadline - 2.0, max(slice_deadline, time.monotonic() + 1.0)))
             ready = self.train_cache.has[have_features:n_target]
             done = int(np.argmin(ready)) if not ready.all() else len(ready)  # cached prefix length
+            new = None
             if done:
                 new = top_features(self.top, self.train_cache, np.arange(have_features, have_features + done),
-                                   self.device, out_device=self._feature_device())
+                                   self.device, out_device=self._feature_device(), deadline=self._deadline - 1.0)
+            if new is not None:
                 self.rate.update(done * size[0] * size[1], time.monotonic() - started)
                 self.train_features = new if self.train_features is None else torch.cat([self.train_features, new])
         if self.train_features is None:
@@ -565,8 +567,12 @@ class Solver:
             if n_test and not self.test_cache.has.all():
                 log.info("test activations: %d of %d before the deadline", done, n_test)
                 return None  # what was computed stays cached for the next call
-            self.test_features = top_features(self.top, self.test_cache, np.arange(n_test), self.device,
-                                              out_device=self._feature_device())
+            features = top_features(self.top, self.test_cache, np.arange(n_test), self.device,
+                                    out_device=self._feature_device(), deadline=deadline)
+            if features is None:
+                log.info("test features: the top over %d cached activations does not fit before the deadline", n_test)
+                return None  # the activations stay cached for the next call
+            self.test_features = features
             self.rate.update(done * size[0] * size[1], time.monotonic() - started)
         probs = self.probe_head.predict_proba(self.test_features)
         self._add_candidate(Candidate("probe", probs, self._probe_val_probs()))

@@ -168,3 +168,17 @@ def test_call_deadline_keeps_the_kits_own_time_between_calls():
     assert solver._call_deadline(102.5, 40.0) == 142.5 - SAFETY_SECONDS - 2.5  # 2.5 s of the kit's writing
     solver._returned_at = 110.0
     assert solver._call_deadline(110.1, 30.0) == pytest.approx(140.1 - SAFETY_SECONDS - 2.5)  # the most seen is kept
+
+
+def test_top_features_give_up_rather_than_end_past_the_deadline():
+    from autodl_core.trunk import top_features
+
+    class Cache:  # what top_features reads of an ActivationCache
+        cpu_bf16 = False
+
+        def get(self, positions, device):
+            return torch.ones(len(positions), 4)
+
+    top = torch.nn.Identity()
+    assert top_features(top, Cache(), np.arange(10), "cpu", batch_size=4).shape == (10, 4)
+    assert top_features(top, Cache(), np.arange(10), "cpu", batch_size=4, deadline=0.0) is None  # long past
