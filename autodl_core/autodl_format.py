@@ -12,6 +12,7 @@ TensorFlow is imported lazily: finding/validating a task and reading metadata st
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import io
@@ -690,13 +691,8 @@ def write_autodl_dataset(out_dir: str | os.PathLike, name: str, train: Iterable,
     final = out_dir / name
     if final.exists() and not overwrite:
         raise UserInputError(f"{final} already exists (remove it or pass overwrite)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
     report = WriteReport(path=final, name=name, output_dim=output_dim)
-    try:
+    with dataset_under_construction(out_dir, name) as work:
         shapes = _ShapeStats()
         data_dir = work / f"{name}.data"
         test_labels = _write_split(tf, data_dir / "test", name, "test", test, output_dim, first_id=0,
@@ -715,9 +711,7 @@ def write_autodl_dataset(out_dir: str | os.PathLike, name: str, train: Iterable,
             (data_dir / split / "metadata.textproto").write_text(
                 metadata_text(report.counts[split], output_dim, report.row_count, report.col_count,
                               report.num_channels, class_names))
-        with open(work / f"{name}.solution", "w") as f:
-            for row in test_labels:
-                f.write(" ".join(str(int(v)) for v in row) + "\n")
+        write_solution(work / f"{name}.solution", test_labels)
         if class_names is not None:
             (work / f"{name}_label.name").write_text("".join(c + "\n" for c in class_names))
         info = {"name": name, "output_dim": output_dim, "counts": report.counts,
@@ -725,15 +719,37 @@ def write_autodl_dataset(out_dir: str | os.PathLike, name: str, train: Iterable,
                 "skipped": {s: [[str(i), r] for i, r in v] for s, v in report.skipped.items()},
                 "reencoded": report.reencoded, **(extra_info or {})}
         (work / f"{name}_conversion.json").write_text(_json_dumps(info))
+    report.files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    report.total_bytes = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+    return report
+
+
+@contextlib.contextmanager
+def dataset_under_construction(out_dir: str | os.PathLike, name: str):
+    """A temporary folder `<out_dir>/.<name>.partial-*` to build a dataset in, renamed to `<out_dir>/<name>`
+    (replacing it) when the block ends, removed when it raises: nothing half-written is ever left."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
+    try:
+        yield work
+        final = out_dir / name
         if final.exists():
             shutil.rmtree(final)
         work.rename(final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    report.files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
-    report.total_bytes = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-    return report
+
+
+def write_solution(path: str | os.PathLike, rows) -> None:
+    """`<name>.solution`: one line of 0/1 labels per test example, as the kit's scoring reads it."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(" ".join(str(int(v)) for v in row) + "\n")
 
 
 def metadata_text(sample_count: int, output_dim: int, row_count: int, col_count: int, num_channels: int,

@@ -126,26 +126,19 @@ def _tools_in_process(argv: list[str], env: dict | None) -> tuple[int, str]:
     import io
     import traceback
     from contextlib import redirect_stderr, redirect_stdout
+    from unittest import mock
 
     from tools.cli import main
 
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
     err = io.StringIO()
     try:
-        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        with mock.patch.dict(os.environ, env or {}), redirect_stderr(err), redirect_stdout(io.StringIO()):
             code = main(list(argv))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except Exception:  # noqa: BLE001 - what a user would see: a traceback
         err.write(traceback.format_exc())
         code = 1
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return code, err.getvalue()
 
 

@@ -9,13 +9,11 @@ format's `DENSE` layout, which PNG/JPEG cannot carry: `write_dense_dataset` writ
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from autodl_core.autodl_format import metadata_text
+from autodl_core.autodl_format import dataset_under_construction, metadata_text, write_solution
 
 
 def class_patterns(n_classes: int, channels: int, seed: int, grid: int = 4) -> np.ndarray:
@@ -66,16 +64,12 @@ def write_dense_dataset(out_dir: str | Path, name: str, x_train: np.ndarray, y_t
     x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
     if x_train.ndim != 4 or x_test.shape[1:] != x_train.shape[1:]:
         raise ValueError(f"dense images must be (N, H, W, C) with one shape, got {x_train.shape} and {x_test.shape}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
     _, rows, cols, channels = x_train.shape
     output_dim = int(y_train.shape[1])
-    try:
-        data_dir = work / f"{name}.data"
+    with dataset_under_construction(out_dir, name) as work:
         first_id = 0
         for split, x, y in (("test", x_test, None), ("train", x_train, y_train)):
-            split_dir = data_dir / split
+            split_dir = work / f"{name}.data" / split
             split_dir.mkdir(parents=True)
             with tf.io.TFRecordWriter(str(split_dir / f"sample-{name}-{split}.tfrecord")) as writer:
                 for i in range(len(x)):
@@ -91,14 +85,5 @@ def write_dense_dataset(out_dir: str | Path, name: str, x_train: np.ndarray, y_t
             text = metadata_text(len(x), output_dim, rows, cols, channels).replace("format: COMPRESSED",
                                                                                  "format: DENSE")
             (split_dir / "metadata.textproto").write_text(text)
-        with open(work / f"{name}.solution", "w") as f:
-            for row in y_test:
-                f.write(" ".join(str(int(v)) for v in row) + "\n")
-        final = out_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        work.rename(final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return final
+        write_solution(work / f"{name}.solution", y_test)
+    return Path(out_dir) / name
