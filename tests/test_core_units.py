@@ -111,7 +111,7 @@ def test_trunk_and_top_compose_to_the_backbone():
 
 
 def test_min_gain_leaves_room_near_saturated_validation():
-    from autodl_core.solver import min_gain
+    from autodl_core.planner import min_gain
 
     assert min_gain(0.90, 0.0) == pytest.approx(0.001)  # the usual bar
     assert min_gain(0.9983, 0.0) == pytest.approx(0.000425)  # a quarter of the error left
@@ -120,54 +120,48 @@ def test_min_gain_leaves_room_near_saturated_validation():
     assert min_gain(0.90, 0.5) == pytest.approx(0.011)  # expensive predictions need a clearer gain
 
 
-class _FlipStub:
-    """What Solver._with_flip_tta reads: validation labels, a flipped prediction, a score."""
-
-    def __init__(self, flip_tta, flipped):
-        from autodl_core.metrics import nauc
-
-        self.flip_tta, self._flipped, self.ft_size = flip_tta, flipped, (48, 48)
-        self.train_y = np.eye(3)[[0, 1, 2, 0, 1, 2]]
-        self.val_idx = np.arange(6)
-        self._score = nauc
-        self._flip_tta_affordable = lambda deadline: True
-        self._ft_test_cost = lambda: 0.0
-        self._predict_val = lambda deadline, flip=False: self._flipped
-
-
 def test_flip_tta_is_rechecked_on_every_checkpoint_while_on():
-    from autodl_core.solver import Solver
+    from autodl_core.metrics import nauc
+    from autodl_core.tta import FlipTTA
 
+    y_val = np.eye(3)[[0, 1, 2, 0, 1, 2]]
     good = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.8 + 0.1  # a sane checkpoint: perfect ranking
     broken = np.eye(3)[[1, 2, 0, 1, 2, 0]] * 0.8 + 0.1  # a diverged one: every example wrong
     helps_broken = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.9 + 0.05  # flipped predictions that outvote the broken ones
+
+    def apply(tta, plain, flipped, recheck=True):
+        return tta.apply(plain, y_val, nauc, affordable=lambda: True, flipped=flipped, recheck=recheck)
+
+    tta = FlipTTA()
     # decided on a diverged first slice: flips "help" (anything beats a wrong model)
-    stub = _FlipStub(None, helps_broken)
-    assert Solver._with_flip_tta(stub, broken, 0.0) is not broken and stub.flip_tta is True
+    assert apply(tta, broken, lambda: helps_broken) is not broken and tta.on is True
     # the next, sane checkpoint: flips now hurt (mirrored glyphs), so TTA goes off and plain is used
-    stub._flipped = broken
-    assert Solver._with_flip_tta(stub, good, 0.0) is good and stub.flip_tta is False
+    assert apply(tta, good, lambda: broken) is good and tta.on is False
     # off stays off at this resolution: no flipped predictions are even computed
-    stub._predict_val = None
-    assert Solver._with_flip_tta(stub, good, 0.0) is good
+    assert apply(tta, good, None) is good
     # forced on without re-checking (recheck=False): the averaged predictions
-    forced = _FlipStub(True, broken)
-    assert np.allclose(Solver._with_flip_tta(forced, good, 0.0, recheck=False), (good + broken) / 2)
-    assert forced.flip_tta is True
+    forced = FlipTTA()
+    forced.on = True
+    assert np.allclose(apply(forced, good, lambda: broken, recheck=False), (good + broken) / 2)
+    assert forced.on is True
+    # undecided and not affordable, or the flipped pass not done in time: off, plain returned
+    for affordable, flipped in ((lambda: False, None), (lambda: True, lambda: None)):
+        tta = FlipTTA()
+        assert tta.apply(good, y_val, nauc, affordable=affordable, flipped=flipped) is good and tta.on is False
 
 
 def test_call_deadline_keeps_the_kits_own_time_between_calls():
     """The kit writes each prediction file between our test() and the next train(): the most it took
     is kept free at the end, beside the safety margin."""
-    from autodl_core.solver import SAFETY_SECONDS, Solver
+    from autodl_core.learner import RateMeter
+    from autodl_core.planner import SAFETY_SECONDS, TimePlanner
 
-    solver = Solver.__new__(Solver)  # only the deadline arithmetic: no backbone
-    solver._returned_at, solver._kit_seconds = None, 0.0
-    assert solver._call_deadline(100.0, 50.0) == 150.0 - SAFETY_SECONDS
-    solver._returned_at = 100.0
-    assert solver._call_deadline(102.5, 40.0) == 142.5 - SAFETY_SECONDS - 2.5  # 2.5 s of the kit's writing
-    solver._returned_at = 110.0
-    assert solver._call_deadline(110.1, 30.0) == pytest.approx(140.1 - SAFETY_SECONDS - 2.5)  # the most seen is kept
+    planner = TimePlanner(RateMeter(1.0))  # only the deadline arithmetic
+    assert planner.call_deadline(100.0, 50.0) == 150.0 - SAFETY_SECONDS
+    planner._returned_at = 100.0
+    assert planner.call_deadline(102.5, 40.0) == 142.5 - SAFETY_SECONDS - 2.5  # 2.5 s of the kit's writing
+    planner._returned_at = 110.0
+    assert planner.call_deadline(110.1, 30.0) == pytest.approx(140.1 - SAFETY_SECONDS - 2.5)  # the most seen is kept
 
 
 def test_top_features_give_up_rather_than_end_past_the_deadline():
@@ -182,3 +176,64 @@ def test_top_features_give_up_rather_than_end_past_the_deadline():
     top = torch.nn.Identity()
     assert top_features(top, Cache(), np.arange(10), "cpu", batch_size=4).shape == (10, 4)
     assert top_features(top, Cache(), np.arange(10), "cpu", batch_size=4, deadline=0.0) is None  # long past
+
+
+def test_planner_answers_whether_a_resize_fits():
+    """A resize is affordable when its new caches cost at most half the time left and leave 30 s."""
+    import time
+
+    from autodl_core.learner import RateMeter
+    from autodl_core.planner import TimePlanner
+
+    planner = TimePlanner(RateMeter(100.0 * 64 * 64))  # 100 img/s at 64 px, 25 img/s at 128 px
+    now = time.monotonic()
+    # top mode: 500 val + 1,000 test + 125 first-share examples at 25 img/s = 65 s of caches
+    args = dict(n_val=500, n_test=1000, n_fit=5000, top_mode=True, test_cost=0.0)
+    assert planner.resize_affordable((64, 64), (128, 128), now + 200, **args) is not None
+    assert planner.resize_affordable((64, 64), (128, 128), now + 100, **args) is None  # 65 > 50
+    # full fine-tuning builds no caches: only the 30 s of training must remain after the test prediction
+    full = dict(args, top_mode=False)
+    assert planner.resize_affordable((64, 64), (128, 128), now + 40, **full) is not None
+    assert planner.resize_affordable((64, 64), (128, 128), now + 40, **dict(full, test_cost=15.0)) is None
+
+
+def test_planner_schedule_length_and_replanning():
+    import time
+
+    from autodl_core.learner import RateMeter
+    from autodl_core.planner import TimePlanner
+
+    planner = TimePlanner(RateMeter(1.0))
+    deadline = time.monotonic() + 100
+    assert planner.planned_steps(deadline, 0.1) == pytest.approx(800, abs=2)  # 80% of the time left
+    assert planner.planned_steps(deadline, 10.0) == 50  # never fewer than 50
+    assert planner.replanned_steps(deadline, 0.12, 0.1, 300) is None  # within 25%: kept
+    assert planner.replanned_steps(deadline, 0.2, 0.1, 300) == pytest.approx(300 + 400, abs=2)
+
+
+def test_probe_reads_no_more_than_its_slice_can_turn_into_features():
+    from autodl_core.learner import RateMeter
+    from autodl_core.planner import TimePlanner
+
+    planner = TimePlanner(RateMeter(100.0 * 64 * 64))  # 100 features/s at 64 px
+    # reading is free (not yet measured): 0.7 x 10 s x 100/s = 700 examples, read ones first
+    assert planner.probe_feature_target(10.0, (64, 64), have=200, have_features=0, most=10_000) == 700
+    planner.note_read(100, 1.0)  # reading at 100 examples/s: unread examples cost twice as much
+    assert planner.probe_feature_target(10.0, (64, 64), have=200, have_features=0, most=10_000) == 450
+    assert planner.probe_feature_target(10.0, (64, 64), have=200, have_features=0, most=300) == 300
+
+
+def test_resolution_growth_asks_for_a_larger_size_only_when_it_can_help():
+    from autodl_core.config import PipelineConfig
+    from autodl_core.growth import ResolutionGrowth
+
+    growth = ResolutionGrowth(PipelineConfig(resolution_growth=1.5, max_resolution=128, max_resolution_growths=2))
+    storage = (256, 256)
+    assert growth.next_size((64, 64), storage, 0.9, has_best_weights=True) == (96, 96)
+    assert growth.next_size((64, 64), storage, 0.9, has_best_weights=False) is None  # nothing to go on from
+    assert growth.next_size((64, 64), storage, 0.9999, has_best_weights=True) is None  # validation saturated
+    assert growth.next_size((128, 128), storage, 0.9, has_best_weights=True) is None  # at the maximum
+    growth.refuse((64, 64))
+    assert growth.next_size((64, 64), storage, 0.9, has_best_weights=True) is None  # refused here before
+    growth.grew(), growth.grew()
+    assert growth.next_size((96, 96), storage, 0.9, has_best_weights=True) is None  # growths used up

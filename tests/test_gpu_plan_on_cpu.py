@@ -34,23 +34,24 @@ def digits_arrays():
 def test_full_finetuning_with_the_gpu_plan_keeps_images_as_device_tensors():
     train, test = digits_arrays()
     config = PipelineConfig(strategy="finetune", gpu_batch_size=96, patience_slices=100)
-    solver = Solver(ArrayMetadata(train, "digits"), config, device="cpu")
     # what plan_for gives a GPU, on this CPU: 64-image feature batches keep the test quick
-    solver.plan = DevicePlan("cuda", feature_batch=64, predict_batch=64, images_on_device=True)
+    plan = DevicePlan("cuda", feature_batch=64, predict_batch=64, images_on_device=True)
+    solver = Solver(ArrayMetadata(train, "digits"), config, device="cpu", plan=plan)
+    data, finetune = solver.data, solver.finetune
     # Driven by progress, not by a wall-clock budget: the probe at 96 px on a CPU shared with another
     # process had not finished within a 45 s budget (a fresh clone's `./dev test` beside a CPU-bound
     # neighbour failed here). Each call gets 30 s (a fine-tuning call ends within it); the loop ends
     # once fine-tuning has taken steps (the cap only guards against a hang).
     start, history = time.monotonic(), []
-    while (solver.tuner is None or solver.tuner.steps == 0) and not solver.done_training \
+    while (finetune.tuner is None or finetune.tuner.steps == 0) and not solver.done_training \
             and time.monotonic() - start < 600:
         solver.train(train, 30.0)
         history.append(solver.test(test, 30.0))
-    assert isinstance(solver._images("train"), torch.Tensor) and solver._images("train").dtype == torch.uint8
-    assert len(solver._images("train")) == len(solver.train_x) and len(solver._images("test")) == len(test)
-    assert solver.probe_size == (96, 96)  # the GPU's upsampled probe for 8 px digits
-    assert solver.tuner is not None and solver.tuner.steps > 0 and solver.tuner.batch_size == 96
-    assert solver.tuner.random_crops
+    assert isinstance(data.images("train"), torch.Tensor) and data.images("train").dtype == torch.uint8
+    assert len(data.images("train")) == len(data.train_x) and len(data.images("test")) == len(test)
+    assert solver.probe.size == (96, 96)  # the GPU's upsampled probe for 8 px digits
+    assert finetune.tuner is not None and finetune.tuner.steps > 0 and finetune.tuner.batch_size == 96
+    assert finetune.tuner.random_crops
     stats = solver.stats()
     assert stats["strategy"] == "finetune" and stats["train_images_per_s"] > 0
     assert all(p.shape == (len(test), 10) and np.isfinite(p).all() for p in history)

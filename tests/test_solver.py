@@ -116,7 +116,7 @@ def test_first_chunk_reads_on_until_every_class_is_seen_on_sorted_data():
     order = np.argsort(y_tr.argmax(axis=1), kind="stable")
     solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig(first_chunk_seconds=0.001))
     solver.train(kit_like_dataset(x_tr[order], y_tr[order]), 30.0)
-    assert (solver.train_y.max(axis=0) > 0).all()
+    assert (solver.data.train_y.max(axis=0) > 0).all()
     first = solver.test(kit_like_dataset(x_te, y_te), 25.0)
     assert nauc(y_te, first) > 0.9
 
@@ -164,7 +164,7 @@ def test_odd_tasks_return_valid_predictions_in_budget(case):
         assert np.isfinite(predictions).all()
         assert predictions.min() >= 0 and predictions.max() <= 1
     if case == "multilabel_tiny":
-        assert solver.profile.multilabel
+        assert solver.data.profile.multilabel
 
 
 def test_internal_error_degrades_to_right_shape(monkeypatch):
@@ -188,24 +188,25 @@ def test_resolution_growth_and_flip_tta_keep_valid_predictions():
     solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig(patience_slices=100))
     train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
     start = time.monotonic()
-    while solver.tuner is None and time.monotonic() - start < 60:
+    finetune, caches = solver.finetune, solver.ctx.caches
+    while finetune.tuner is None and time.monotonic() - start < 60:
         solver.train(train_ds, 20)  # short budgets: the fine-tuning call ends within ~20 s
         solver.test(test_ds, 20)
-    assert solver.tuner is not None and solver._ft_best_state is not None, "fine-tuning never started"
-    old_size = solver.ft_size
-    solver._ft_best_score = min(solver._ft_best_score, 0.99)  # digits saturate validation; growth skips that
-    assert solver._grow_resolution(time.monotonic() + 120)
-    assert min(solver.ft_size) > min(old_size) and solver.test_cache.size == solver.ft_size
-    solver.flip_tta = True
-    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60,
-                                                 recheck=False)  # forced on: the flip path itself
-    probs = solver._predict_finetune(time.monotonic() + 60)
+    assert finetune.tuner is not None and finetune.best_state is not None, "fine-tuning never started"
+    old_size = finetune.size
+    finetune.best_score = min(finetune.best_score, 0.99)  # digits saturate validation; growth skips that
+    assert finetune.grow_resolution(time.monotonic() + 120)
+    assert min(finetune.size) > min(old_size) and caches.test.size == finetune.size
+    finetune.tta.on = True
+    finetune.val_probs = finetune.with_flip_tta(finetune.predict_val(None), time.monotonic() + 60,
+                                                recheck=False)  # forced on: the flip path itself
+    probs = finetune.predict(time.monotonic() + 60)
     assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
     names = [c.name for c in solver.candidates]
-    assert any(n.endswith("+flip") and f"{solver.ft_size[0]}x" in n for n in names), names
+    assert any(n.endswith("+flip") and f"{finetune.size[0]}x" in n for n in names), names
     assert nauc(y_te, probs) > 0.9
-    flipped = solver.test_flip_cache.get(np.arange(3), "cpu")
-    plain = solver.test_cache.get(np.arange(3), "cpu")
+    flipped = caches.test_flip.get(np.arange(3), "cpu")
+    plain = caches.test.get(np.arange(3), "cpu")
     assert not torch.allclose(flipped, plain)
 
 
@@ -220,16 +221,17 @@ def test_top_mode_finetunes_at_its_own_resolution_after_the_probe():
     start, history = time.monotonic(), []
     # A generous remaining budget: the switch needs time for its new caches (keeping to the budget is
     # tested above).
-    while solver.tuner is None and not solver.done_training and time.monotonic() - start < 120:
+    finetune, caches = solver.finetune, solver.ctx.caches
+    while finetune.tuner is None and not solver.done_training and time.monotonic() - start < 120:
         solver.train(train_ds, 200)
         history.append(solver.test(test_ds, 200))
-    assert solver.probe_size == (48, 48), solver.probe_size  # 8 px digits: probe at the profile's 48 px
-    assert solver.tuner is not None and solver.ft_size == (64, 64), solver.ft_size
-    assert solver.test_cache.size == (64, 64) and solver.train_cache.size == (64, 64)
+    assert solver.probe.size == (48, 48), solver.probe.size  # 8 px digits: probe at the profile's 48 px
+    assert finetune.tuner is not None and finetune.size == (64, 64), finetune.size
+    assert caches.test.size == (64, 64) and caches.train.size == (64, 64)
     assert "probe" in [c.name for c in solver.candidates]
     assert all(p.shape == (len(x_te), 10) and np.isfinite(p).all() for p in history)
-    solver._ft_val_probs = solver._predict_val(None)
-    probs = solver._predict_finetune(time.monotonic() + 60)  # a fine-tuned checkpoint at 64 px
+    finetune.val_probs = finetune.predict_val(None)
+    probs = finetune.predict(time.monotonic() + 60)  # a fine-tuned checkpoint at 64 px
     assert any(c.name.startswith("finetune@64x64") for c in solver.candidates)
     assert probs.shape == (len(x_te), 10) and nauc(y_te, probs) > 0.9
 
@@ -243,22 +245,23 @@ def test_full_finetune_path_runs_on_cpu_with_growth_and_flip():
     train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
     history, elapsed = run_loop(solver, train_ds, test_ds, 40.0)
     assert elapsed <= 40.0 and history
-    assert solver.tuner is not None and solver.tuner.steps > 0, "full fine-tuning never ran"
+    finetune = solver.finetune
+    assert finetune.tuner is not None and finetune.tuner.steps > 0, "full fine-tuning never ran"
     assert all(p.shape == (len(x_te), 10) for _, p in history)
     assert nauc(y_te, history[-1][1]) > 0.9
-    old_size = solver.ft_size
+    old_size = finetune.size
     # Whatever happened in the short run (a growth, or one refused for lack of time), grow once more now;
     # digits saturate validation, which growth otherwise skips.
-    solver._growths, solver._growth_refused_at = 0, None
-    solver._ft_best_score = min(solver._ft_best_score, 0.99)
-    assert solver._grow_resolution(time.monotonic() + 120)
-    assert min(solver.ft_size) > min(old_size)
-    solver.flip_tta = True
-    solver._ft_val_probs = solver._with_flip_tta(solver._predict_val(None), time.monotonic() + 60,
-                                                 recheck=False)  # forced on: the flip path itself
-    probs = solver._predict_finetune(time.monotonic() + 60)
+    finetune.growth.growths, finetune.growth.refused_at = 0, None
+    finetune.best_score = min(finetune.best_score, 0.99)
+    assert finetune.grow_resolution(time.monotonic() + 120)
+    assert min(finetune.size) > min(old_size)
+    finetune.tta.on = True
+    finetune.val_probs = finetune.with_flip_tta(finetune.predict_val(None), time.monotonic() + 60,
+                                                recheck=False)  # forced on: the flip path itself
+    probs = finetune.predict(time.monotonic() + 60)
     assert probs.shape == (len(x_te), 10) and np.isfinite(probs).all()
-    assert not solver._grow_resolution(time.monotonic() + 120)  # max_resolution_growths=1
+    assert not finetune.grow_resolution(time.monotonic() + 120)  # max_resolution_growths=1
 
 
 def test_test_set_read_stops_at_the_deadline_and_goes_on_next_call(monkeypatch):
@@ -273,10 +276,10 @@ def test_test_set_read_stops_at_the_deadline_and_goes_on_next_call(monkeypatch):
     train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
     solver.train(train_ds, 30)
     early = solver.test(test_ds, SAFETY_SECONDS + 0.01)  # the deadline is now: one chunk at most
-    assert early.shape == (len(x_te), 10) and solver.test_x is None
+    assert early.shape == (len(x_te), 10) and solver.data.test_x is None
     assert np.allclose(early, early[0])  # the label prior, not a model's predictions
     later = solver.test(test_ds, 30)
-    assert solver.test_x is not None and len(solver.test_x) == len(x_te)
+    assert solver.data.test_x is not None and len(solver.data.test_x) == len(x_te)
     assert later.shape == (len(x_te), 10) and nauc(y_te, later) > 0.9
 
 
@@ -291,7 +294,7 @@ def test_a_budget_below_the_safety_margin_gets_the_prior_at_once(monkeypatch):
     solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig())
     train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
     solver.train(train_ds, SAFETY_SECONDS - 1.0)
-    assert solver.done_training and solver.profile is None and solver.train_x is None
+    assert solver.done_training and solver.data.profile is None and solver.data.train_x is None
     predictions = solver.test(test_ds, SAFETY_SECONDS - 1.5)
     assert predictions.shape == (len(x_te), 10) and np.allclose(predictions, 0.1)
-    assert solver.test_x is None
+    assert solver.data.test_x is None

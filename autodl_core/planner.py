@@ -1,0 +1,170 @@
+"""The time planner: every time decision of a run in one place.
+
+It holds the budget (each call's deadline, the kit's own time between calls, the run's clock),
+the measured rates (feature extraction, reading, a fine-tuning step, the last test and validation
+passes) and the cost model built on them, and answers the stages' questions: how long a probe
+slice, what a test prediction will cost, whether a resize or a flip-TTA pass fits, how many
+fine-tuning steps to plan. The stages decide *what* to do; this module says *whether it fits*.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from autodl_core.learner import RateMeter
+
+log = logging.getLogger("autodl_core.planner")
+
+SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
+MIN_STEP_SECONDS = 0.5  # a train call with less time than this left does no work (it could only overrun)
+
+
+def min_gain(best_score: float, cost_share: float) -> float:
+    """Validation NAUC gain a checkpoint needs before it is worth predicting.
+
+    0.001, or a quarter of the error left when validation is nearly saturated (a fixed 0.001 forbids
+    every gain once validation passes 0.999, common on small digit and face sets);
+    plus a share of the prediction's cost (time spent predicting large test sets needs a clearer gain).
+    """
+    room = 1.0 - best_score if np.isfinite(best_score) else 1.0
+    return min(0.001, 0.25 * max(room, 0.0)) + 0.02 * cost_share
+
+
+class TimePlanner:
+    def __init__(self, rate: RateMeter):
+        self.rate = rate  # pixels/s of frozen feature extraction (warm-up, then measured)
+        self.deadline: float | None = None  # when the current call must return
+        self.clock_start: float | None = None  # the first train call
+        self._returned_at: float | None = None
+        self.kit_seconds = 0.0  # the kit's own time between our calls (the most seen)
+        self.read_seconds, self.read_examples = 0.0, 0  # training data read so far, and the time it took
+        self.ft_test_seconds: float | None = None  # the last fine-tuned test prediction, measured
+        self.ft_val_seconds: float | None = None  # the last validation pass (with TTA), measured
+
+    # ------------------------------------------------------------------ the budget
+    def call_deadline(self, started: float, remaining_time_budget: float) -> float:
+        """When this call must return: the budget left, less the safety margin and the time the kit
+        itself took between our last return and this call (writing a prediction file: 2.3 s for
+        1,200 x 1,200 values on a slow CPU), which it will take again after our last prediction."""
+        if self._returned_at is not None:
+            self.kit_seconds = max(self.kit_seconds, started - self._returned_at)
+        return started + float(remaining_time_budget) - SAFETY_SECONDS - self.kit_seconds
+
+    def returned(self):
+        """A call returns to the kit: what happens until the next call is the kit's time."""
+        self._returned_at = time.monotonic()
+
+    def elapsed(self) -> float:
+        if self.clock_start is None:
+            self.clock_start = time.monotonic()
+        return time.monotonic() - self.clock_start
+
+    # ------------------------------------------------------------------ measured rates
+    def feature_rate(self, size) -> float:
+        """Images/s of feature extraction at `size`, scaled from the measurements by pixel count."""
+        return self.rate.images_per_s(size)
+
+    def note_features(self, n: int, size, seconds: float):
+        self.rate.update(n * size[0] * size[1], seconds)
+
+    def note_read(self, n: int, seconds: float):
+        self.read_seconds += seconds
+        self.read_examples += n
+
+    def read_rate(self) -> float:
+        """Training examples read per second (infinite until enough reading was timed)."""
+        return self.read_examples / self.read_seconds if self.read_seconds > 0.05 else np.inf
+
+    # ------------------------------------------------------------------ the probe
+    def probe_slice_seconds(self) -> float:
+        """Long enough to matter, short enough to give a prediction soon (log-time spacing)."""
+        return max(3.0, 0.3 * self.elapsed())
+
+    def probe_feature_target(self, slice_s: float, size, have: int, have_features: int, most: int) -> int:
+        """Examples the probe should have features of after this slice: no more than features can be
+        computed for in the slice. Examples already read cost their features, unread ones their reading
+        too (decoding can be the slower part: with fast features, reading for the whole slice put the
+        probe's first prediction off by seconds)."""
+        rate = self.feature_rate(size)
+        budget = 0.7 * slice_s
+        from_read = min(have - have_features, int(rate * budget))
+        budget -= from_read / rate
+        unread = int(budget / (1.0 / rate + 1.0 / self.read_rate()))
+        return min(most, have_features + from_read + unread)
+
+    def test_feature_cost(self, size, n_test: int, features_done: bool) -> float:
+        """Seconds the probe's test prediction costs: its test features once, then almost nothing."""
+        if features_done:
+            return 0.5
+        return n_test / max(1.0, self.feature_rate(size))
+
+    # ------------------------------------------------------------------ fine-tuning
+    def reset_finetune_costs(self):
+        """A new network or resolution: the measured prediction costs no longer apply."""
+        self.ft_test_seconds = self.ft_val_seconds = None
+
+    def finetune_test_cost(self, n_test: int, size, top_mode: bool, flip: bool) -> float:
+        """A fine-tuned test prediction: measured once made, else estimated from the feature rate (the
+        top mode's share of a forward pass is ~0.4; flip TTA doubles it)."""
+        if self.ft_test_seconds is not None:
+            return self.ft_test_seconds
+        share = 0.4 if top_mode else 1.0
+        return (2 if flip else 1) * share * n_test / max(1.0, self.feature_rate(size)) + 0.5
+
+    def finetune_val_cost(self, n_val: int, size) -> float:
+        estimate = n_val / max(1.0, self.feature_rate(size))
+        return max(estimate, self.ft_val_seconds or 0.0)
+
+    def slice_room(self, deadline: float, test_cost: float, val_cost: float) -> float:
+        """Seconds a fine-tuning slice may use: what is left after a test prediction (with a margin),
+        a validation pass and 2 s."""
+        return deadline - time.monotonic() - (test_cost * 1.3 + val_cost + 2.0)
+
+    @staticmethod
+    def first_share(size_rate: float, n_fit: int) -> int:
+        """Training examples whose activations are cached at once on a resize (~5 s of feature time)."""
+        return min(n_fit, int(max(1.0, size_rate) * 5))
+
+    def resize_affordable(self, old_size, new_size, deadline: float, n_val: int, n_test: int, n_fit: int,
+                          top_mode: bool, test_cost: float) -> float | None:
+        """The time left (after a test prediction) when fine-tuning at `new_size` is affordable, else None:
+        its new caches (top mode: validation, test and a first share of the training set) must cost at
+        most half of that time and leave 30 s of training."""
+        rate = max(1.0, self.feature_rate(new_size))
+        cache_cost = (n_val + n_test + self.first_share(self.feature_rate(new_size), n_fit)) / rate if top_mode else 0.0
+        time_left = deadline - time.monotonic() - test_cost
+        if cache_cost > 0.5 * time_left or time_left - cache_cost < 30:
+            log.info("resolution %s -> %s: no time (caches %.0fs, %.0fs left)", old_size, new_size,
+                     cache_cost, time_left)
+            return None
+        log.info("resolution %s -> %s (caches ~%.0fs, %.0fs left)", old_size, new_size, cache_cost, time_left)
+        return time_left
+
+    def flip_tta_affordable(self, n_test: int, size, deadline: float) -> bool:
+        """Flip TTA doubles the test prediction: tried only when that costs at most 15% of the time left."""
+        extra_cost = n_test / max(1.0, self.feature_rate(size))
+        if extra_cost > 0.15 * max(0.0, deadline - time.monotonic()):
+            log.info("flip TTA: not tried (%.1fs of extra test cost is too much for the time left)", extra_cost)
+            return False
+        return True
+
+    @staticmethod
+    def cost_share(test_cost: float, deadline: float) -> float:
+        """A prediction's cost as a share of the time left (expensive predictions need clearer gains)."""
+        return test_cost / max(1.0, deadline - time.monotonic())
+
+    @staticmethod
+    def planned_steps(deadline: float, per_step: float) -> int:
+        """Cosine schedule length: the steps that fit in 80% of the time left."""
+        return max(50, int(0.8 * max(0.0, deadline - time.monotonic()) / per_step))
+
+    @staticmethod
+    def replanned_steps(deadline: float, per_step: float, planned: float | None, steps_done: int) -> int | None:
+        """The schedule's new length when the measured steady step time is off the planned one by > 25%
+        (the steps left are those that fit in 80% of the time left, as at the start), else None."""
+        if not per_step or not planned or abs(per_step / planned - 1) <= 0.25:
+            return None
+        left = max(0.0, deadline - time.monotonic())
+        return steps_done + max(1, int(0.8 * left / per_step))

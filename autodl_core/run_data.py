@@ -1,0 +1,201 @@
+"""The data a run has read: training examples (read in chunks, as time allows), the held-out
+validation split, the test set (read across calls when a deadline comes first), and their
+copies on the device.
+
+Images are kept as uint8 at one storage shape chosen from a first peek (sizes, channels, value
+range), so that memory stays bounded whatever the raw data looks like.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from autodl_core import readers
+from autodl_core.config import PipelineConfig
+from autodl_core.device_plan import DevicePlan
+from autodl_core.images import Preprocessor
+from autodl_core.planner import TimePlanner
+from autodl_core.profile import DataProfile, choose_storage_shape
+
+log = logging.getLogger("autodl_core.run_data")
+
+PEEK_SECONDS = 1.0  # the first look at raw examples (sizes, channels, value range) stops after this
+
+
+class RunData:
+    def __init__(self, metadata, config: PipelineConfig, device: torch.device, planner: TimePlanner,
+                 mean, std, plan: DevicePlan):
+        self.metadata, self.config, self.device, self.planner = metadata, config, device, planner
+        self.mean, self.std = mean, std
+        self.plan = plan
+        self.n_classes = int(metadata.get_output_size())
+        self.profile: DataProfile | None = None
+        self.preprocess: Preprocessor | None = None
+        self.train_reader = None
+        self.train_x = self.train_y = None
+        self.test_x = None
+        self.is_val = None
+        self.n_test = None  # known once the test set is read (or counted after a failure)
+        self.on_device = {}  # "train"/"test": the uint8 arrays mirrored on the GPU (plan.images_on_device)
+        self._test_reader, self._test_parts = None, []  # the test set, read over several calls if need be
+
+    # ------------------------------------------------------------------ training data
+    def open_train(self, dataset, read_train: bool = True):
+        peek = readers.peek(dataset, deadline=time.monotonic() + PEEK_SECONDS)
+        self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
+        self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
+                                                       self.config.memory_cap_gb)
+        self.value_offset, self.value_scale = readers.value_transform(peek.value_min, peek.value_max)
+        self.preprocess = Preprocessor(self.mean, self.std, pixel_max=255.0, device=self.device)
+        if read_train:
+            self.train_reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
+                                                     self.value_scale, batch_size=self.read_batch())
+        log.info("profile: %s", self.profile)
+
+    def read_batch(self) -> int:
+        """Examples per read batch: 64 for images up to 256 x 256, fewer for larger ones, so that a batch
+        (decoded before the deadline is checked again) stays short: 64 photos of 2,000 px take ~3.5 s
+        to decode on a slow CPU, one takes ~55 ms."""
+        h, w = self.profile.median_hw
+        return int(np.clip(64 * (256 * 256) / max(1, h * w), 1, 64))
+
+    @property
+    def n_read(self) -> int:
+        return 0 if self.train_x is None else len(self.train_x)
+
+    def reading_done(self) -> bool:
+        return self.train_reader.exhausted or self.n_read >= self.profile.max_cached_examples
+
+    def read_more_train(self, deadline: float, max_examples: int | None = None) -> int:
+        if self.train_reader.exhausted:
+            return 0
+        cap = self.profile.max_cached_examples
+        have = self.n_read
+        if have >= cap:
+            return 0
+        limit = cap - have if max_examples is None else min(max_examples, cap - have)
+        started = time.monotonic()
+        chunk = self.train_reader.read(max_examples=limit, deadline=deadline)
+        if chunk is None:
+            return 0
+        x, y = chunk
+        self.planner.note_read(len(x), time.monotonic() - started)
+        if self.train_x is None:
+            self.train_x, self.train_y = x, y
+        else:
+            self.train_x = np.concatenate([self.train_x, x])
+            self.train_y = np.concatenate([self.train_y, y])
+        if self.plan.images_on_device:
+            self._mirror_on_device("train", x)
+        self.is_val = self.val_mask(len(self.train_x))
+        self.profile.update_labels(self.train_y)
+        self.profile.pixel_max = max(self.profile.pixel_max, float(x.max()) if len(x) else 0.0)
+        return len(x)
+
+    def read_all_train(self, deadline: float) -> bool:
+        """Read what is left (5 s at a time); False when the deadline comes within 10 s."""
+        while not self.reading_done():
+            if self.read_more_train(min(deadline, time.monotonic() + 5.0)) == 0:
+                break
+            if time.monotonic() > deadline - 10:
+                return False
+        return True
+
+    def all_classes_seen(self) -> bool:
+        """Single-label: every class has an example (the label prior kept by the profile as data is read).
+        Multi-label data is not asked (rare labels may never show)."""
+        if self.train_x is None or self.profile.multilabel or self.profile.class_prior is None:
+            return True
+        return bool((self.profile.class_prior > 0).all())
+
+    def val_mask(self, n: int) -> np.ndarray:
+        """Held-out examples chosen by a fixed hash of the read position: stable as more data arrives."""
+        cfg = self.config
+        positions = np.arange(n)
+        chosen = (positions * 2654435761 % 1000) < cfg.val_fraction * 1000
+        if n < 100:
+            chosen[:] = False
+        chosen &= np.cumsum(chosen) <= cfg.val_max
+        return chosen
+
+    def val_labels(self) -> np.ndarray:
+        return self.train_y[np.flatnonzero(self.is_val)]
+
+    # ------------------------------------------------------------------ device copies
+    def _mirror_on_device(self, name: str, new: np.ndarray):
+        """Append newly read uint8 examples to the device copy (the GPU then never waits on host copies)."""
+        chunk = torch.from_numpy(np.ascontiguousarray(new)).to(self.device)
+        have = self.on_device.get(name)
+        self.on_device[name] = chunk if have is None else torch.cat([have, chunk])
+
+    def images(self, name: str):
+        """The uint8 arrays the networks read: the device copy where there is one, else numpy."""
+        if name in self.on_device:
+            return self.on_device[name]
+        return self.train_x if name == "train" else self.test_x
+
+    # ------------------------------------------------------------------ test data
+    @property
+    def n_test_read(self) -> int:
+        return len(self.test_x) if self.test_x is not None else 0
+
+    def read_test(self, dataset, deadline: float):
+        """Read the test set; when the deadline comes first (a short budget, large images, a busy CPU),
+        stop and go on at the next call: this call then returns prior predictions, whose row count the
+        metadata declares. Without a declared count the read goes on (the rows must be right)."""
+        if self.profile is None:  # test before train: cannot happen with the kit, but be safe
+            self.open_train(dataset, read_train=False)
+        if self._test_reader is None:
+            self._test_reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
+                                                    self.value_scale, batch_size=self.read_batch())
+        declared = readers.declared_test_count(self.metadata)
+        can_stop = declared is not None
+        reader, parts = self._test_reader, self._test_parts
+        while not reader.exhausted and not (can_stop and sum(len(p) for p in parts) >= declared):
+            chunk = reader.read(max_examples=4096, deadline=deadline if can_stop else None)
+            if chunk is None:
+                break
+            parts.append(chunk[0])
+            complete = reader.exhausted or (can_stop and sum(len(p) for p in parts) >= declared)
+            if can_stop and time.monotonic() >= deadline and not complete:
+                self.n_test = declared
+                log.info("test set: %d examples read when the deadline came; reading goes on next call",
+                         sum(len(p) for p in parts))
+                return
+        xs = parts
+        self._test_reader, self._test_parts = None, []
+        self.test_x = np.concatenate(xs) if xs else np.zeros((0,) + tuple(self.profile.storage_hw) + (1,), np.uint8)
+        if self.plan.images_on_device:
+            self._mirror_on_device("test", self.test_x)
+        log.info("read %d test examples", len(self.test_x))
+
+    def count_test(self, dataset) -> int:
+        declared = readers.declared_test_count(self.metadata)
+        if declared is not None:
+            return declared
+        try:
+            return readers.count_examples(dataset)
+        except Exception:
+            log.exception("could not count the test examples")
+            return 0
+
+    def prior_predictions(self) -> np.ndarray:
+        """The training label frequencies (uniform before any label is read), one row per test example."""
+        n_test = len(self.test_x) if self.test_x is not None else (self.n_test or 0)
+        if self.train_y is not None and len(self.train_y):
+            prior = self.train_y.mean(0)
+        else:
+            prior = np.full(self.n_classes, 1.0 / max(1, self.n_classes))
+        return np.tile(prior, (n_test, 1)).astype(np.float64)
+
+    def sanitize(self, probs) -> np.ndarray:
+        """Finite values in [0, 1] of the shape the kit expects, or a ValueError."""
+        probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        probs = np.clip(probs, 0.0, 1.0)
+        n_test = len(self.test_x) if self.test_x is not None else len(probs)
+        if probs.shape != (n_test, self.n_classes):
+            raise ValueError(f"predictions of shape {probs.shape}, expected {(n_test, self.n_classes)}")
+        return probs

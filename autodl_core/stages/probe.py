@@ -1,0 +1,143 @@
+"""Stage 1: frozen pretrained features and a linear head, refitted as more data is read.
+
+Each train call is one slice (log-time spaced): read a little more, compute features of what
+was read, refit the head. Test features are computed once, so each refit's prediction is nearly
+free. When features cover everything that will be read, the run moves on to fine-tuning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from autodl_core.ensemble import Candidate
+from autodl_core.heads import LinearHead
+from autodl_core.images import working_size
+from autodl_core.run_context import RunContext
+from autodl_core.stages.thumbnails import ThumbnailStage
+
+log = logging.getLogger("autodl_core.stages.probe")
+
+
+class ProbeStage:
+    name = "probe"
+
+    def __init__(self, ctx: RunContext, thumbnails: ThumbnailStage):
+        self.ctx, self.thumbnails = ctx, thumbnails
+        self.head: LinearHead | None = None
+        self.size = None  # the working size the head's features were computed at
+        self._thumbs_stale = False
+
+    def working_size(self):
+        cfg, storage = self.ctx.config, self.ctx.data.profile.storage_hw
+        if cfg.probe_resolution > 0:
+            return working_size(storage, cfg.probe_resolution)
+        return working_size(storage, self.ctx.plan.probe_resolution(min(storage)))
+
+    def max_examples(self) -> int:
+        cfg = self.ctx.config
+        return cfg.gpu_probe_max_examples if self.ctx.device.type == "cuda" else cfg.probe_max_examples
+
+    def test_feature_cost(self, size) -> float:
+        caches = self.ctx.caches
+        return self.ctx.planner.test_feature_cost(size, self.ctx.data.n_test_read, caches.test_features is not None)
+
+    def step(self, deadline: float) -> str:
+        ctx = self.ctx
+        data, caches, planner = ctx.data, ctx.caches, ctx.planner
+        size = self.working_size()
+        rate = planner.feature_rate(size)
+        slice_s = planner.probe_slice_seconds()
+        slice_deadline = min(deadline - self.test_feature_cost(size), time.monotonic() + slice_s)
+        have_features = 0 if caches.train_features is None else len(caches.train_features)
+        n_feature_target = planner.probe_feature_target(slice_s, size, data.n_read, have_features, self.max_examples())
+        if data.n_read < n_feature_target:
+            data.read_more_train(slice_deadline, max_examples=n_feature_target - data.n_read)
+        n_target = min(data.n_read, self.max_examples())
+        n_target = min(n_target, have_features + max(64, int(rate * max(1.0, slice_deadline - time.monotonic()))))
+        if n_target > have_features:
+            self._extend_features(size, have_features, n_target, slice_deadline)
+        if caches.train_features is None:
+            return self.name
+        self._fit_head(size)
+        self._thumbs_stale = data.n_read > 1.5 * self.thumbnails.examples()
+        if self._thumbs_stale:
+            self.thumbnails.fit()
+        ctx.predictions.ready(self.predict)
+        n_feat = len(caches.train_features)
+        if n_feat >= min(self.max_examples(), data.n_read) and (data.reading_done() or n_feat >= self.max_examples()):
+            if ctx.net.strategy in ("finetune", "finetune_top"):
+                return "finetune"
+            ctx.done_training = True
+            return "done"
+        return self.name
+
+    def _extend_features(self, size, have_features: int, n_target: int, slice_deadline: float):
+        """Features of examples have_features..n_target-1 (a prefix of them when time runs short)."""
+        ctx = self.ctx
+        caches, call_deadline = ctx.caches, ctx.planner.deadline
+        caches.at(size)
+        started = time.monotonic()
+        caches.train.ensure(ctx.data.images("train"), np.arange(have_features, n_target),
+                            deadline=min(call_deadline - 2.0, max(slice_deadline, time.monotonic() + 1.0)))
+        ready = caches.train.has[have_features:n_target]
+        done = int(np.argmin(ready)) if not ready.all() else len(ready)  # cached prefix length
+        if not done:
+            return
+        new = caches.pooled(caches.train, np.arange(have_features, have_features + done), deadline=call_deadline - 1.0)
+        if new is not None:
+            ctx.planner.note_features(done, size, time.monotonic() - started)
+            caches.train_features = new if caches.train_features is None else torch.cat([caches.train_features, new])
+
+    def _fit_head(self, size):
+        ctx = self.ctx
+        features, data = ctx.caches.train_features, ctx.data
+        n_feat = len(features)
+        fit_mask = ~data.is_val[:n_feat]
+        y = data.train_y[:n_feat]
+        if fit_mask.sum() < 2:
+            fit_mask[:] = True
+        self.head = LinearHead(data.profile.multilabel, l2=self.l2(fit_mask.sum())).fit(
+            features[torch.from_numpy(fit_mask).to(features.device)], y[fit_mask], max_iter=100,
+            deadline=min(time.monotonic() + 5.0, ctx.planner.deadline - 1.0 - self.test_feature_cost(size)))
+        self.size = size
+
+    @staticmethod
+    def l2(n: int) -> float:
+        return float(np.clip(2.0 / max(1, n), 1e-4, 1e-2))
+
+    def val_probs(self):
+        """Probe predictions on every validation example read so far (features computed as needed)."""
+        ctx = self.ctx
+        val = np.flatnonzero(ctx.data.is_val)
+        if len(val) == 0:
+            return None
+        ctx.caches.train.ensure(ctx.data.images("train"), val)
+        return self.head.predict_proba(ctx.caches.pooled(ctx.caches.train, val))
+
+    def predict(self, deadline: float):
+        ctx = self.ctx
+        caches, size = ctx.caches, self.size
+        if caches.test_features is None:
+            caches.at(size)
+            n_test = ctx.data.n_test_read
+            started = time.monotonic()
+            done = caches.test.ensure(ctx.data.images("test"), np.arange(n_test), deadline=deadline)
+            if n_test and not caches.test.has.all():
+                log.info("test activations: %d of %d before the deadline", done, n_test)
+                return None  # what was computed stays cached for the next call
+            features = caches.pooled(caches.test, np.arange(n_test), deadline=deadline)
+            if features is None:
+                log.info("test features: the top over %d cached activations does not fit before the deadline",
+                             n_test)
+                return None  # the activations stay cached for the next call
+            caches.test_features = features
+            ctx.planner.note_features(done, size, time.monotonic() - started)
+        probs = self.head.predict_proba(caches.test_features)
+        ctx.candidates.add(Candidate("probe", probs, self.val_probs()))
+        if self._thumbs_stale:
+            self._thumbs_stale = False
+            self.thumbnails.register()
+        return ctx.best_combination()
