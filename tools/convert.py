@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from autodl_core.arrays import corpus_origin
 from autodl_core.autodl_format import BadImageError, WriteReport, write_autodl_dataset
 from tools.errors import UserInputError
 
@@ -36,6 +37,7 @@ class Source:
     test: list
     description: str
     notes: list = dataclasses.field(default_factory=list)
+    origin: dict | None = None  # a corpus dataset's provenance (info.json: name, repository, commit, license)
 
 
 # ---------------------------------------------------------------- kind detection
@@ -187,8 +189,11 @@ def _npz_source(npz_path: Path, data, info: dict, kind: str, args) -> Source:
             raise UserInputError(f"{npz_path}: is_test has {len(is_test)} entries for {len(labels)} examples")
         split_note = "the file's own is_test split"
     name = args.name or info.get("name") or (npz_path.parent.name if npz_path.name == "data.npz" else npz_path.stem)
-    return _make_source(name, images, labels, is_test, class_names, args,
-                        f"{kind} {npz_path} ({len(labels)} examples; {split_note})")
+    source = _make_source(name, images, labels, is_test, class_names, args,
+                          f"{kind} {npz_path} ({len(labels)} examples; {split_note})")
+    if kind == "corpus":
+        source.origin = corpus_origin(info, npz_path.parent.name)
+    return source
 
 
 def _npz_images(data, key) -> list:
@@ -428,7 +433,8 @@ def convert(args) -> int:
                                       overwrite=args.overwrite, progress=progress,
                                       skip_undecodable=getattr(args, "skip_bad_images", False),
                                       extra_info={"source": source.description, "kind": kind, "seed": args.seed,
-                                                  "notes": source.notes})
+                                                  "notes": source.notes,
+                                                  **({"origin": source.origin} if source.origin else {})})
     except BadImageError as exc:
         raise UserInputError(f"{exc} (nothing written; --skip-bad-images converts the rest and lists the "
                              "images left out)") from None

@@ -47,11 +47,12 @@ def dataset_record_of(row: dict, store):
     folder = Path(row.get("dataset_dir") or "")
     if not (folder / "data.npz").is_file():
         return None
-    from autodl_core.arrays import ArrayMetadata, load_corpus_npz
+    from autodl_core.arrays import ArrayMetadata, corpus_origin, load_corpus_npz
+    from meta_db.sources import corpus_reference
 
     train, _, info = load_corpus_npz(folder)
     return DatasetRecord(dataset_id=row["dataset"], name=row["dataset"], parent_id=None, family_id=row["dataset"],
-                         derivation=None, source=str(folder.resolve()),
+                         derivation=None, source=corpus_reference(corpus_origin(info, folder.name)),
                          metadata_features=metadata_features(ArrayMetadata(train, info["name"])))
 
 

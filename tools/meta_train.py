@@ -434,6 +434,7 @@ def expand_dataset_dirs(dirs) -> list[Path]:
 def dataset_record(dataset_dir: Path, data_features: dict | None = None):
     """The store's record of an AutoDL dataset folder: metadata features of the train split, parent if a variant."""
     from meta_db.metafeatures import metadata_features
+    from meta_db.sources import portable_source
     from meta_db.store import DatasetRecord
     from meta_db.variants import parent_of
     from autodl_core.autodl_format import AutoDLMetadata, find_task
@@ -441,7 +442,7 @@ def dataset_record(dataset_dir: Path, data_features: dict | None = None):
     task = find_task(dataset_dir)
     parent, family, derivation = parent_of(dataset_dir)
     return DatasetRecord(dataset_id=task.name, name=task.name, parent_id=parent, family_id=family or "",
-                         derivation=derivation, source=str(Path(dataset_dir).resolve()),
+                         derivation=derivation, source=portable_source(dataset_dir, task.name),
                          metadata_features=metadata_features(AutoDLMetadata(task.train_dir)),
                          data_features=data_features)
 
