@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "package": "tools.package",
     "demo": "tools.demo",
     "faults": "tools.faults.suite",
+    "replay": "tools.replay",
 }
 
 
