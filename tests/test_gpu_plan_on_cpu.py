@@ -22,13 +22,9 @@ pytestmark = pytest.mark.skipif(not pretrained.weights_available("mobilenetv2_10
 
 
 def digits_arrays():
-    from sklearn.datasets import load_digits
+    from tools.replay import digits_split  # the digits split the replay check uses
 
-    digits = load_digits()
-    x = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]
-    y = np.eye(10, dtype=np.float32)[digits.target]
-    order = np.random.default_rng(0).permutation(len(x))
-    return ArrayDataset(x[order[:1400]], y[order[:1400]]), ArrayDataset(x[order[1400:]], y[order[1400:]])
+    return digits_split()
 
 
 def test_full_finetuning_with_the_gpu_plan_keeps_images_as_device_tensors():
