@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "demo": "tools.demo",
     "faults": "tools.faults.suite",
     "replay": "tools.replay",
+    "corpus": "tools.corpus.command",
 }
 
 
