@@ -383,7 +383,7 @@ class Store:
         """Forget every run recorded under `study` (e.g. 'bench:kit' imports); returns how many.
 
         E.g. to learn from one judge only: the official kit and the local runner time the first
-        prediction slightly differently (docs/metalearning.md, "The shipped store").
+        prediction slightly differently (docs/history/metalearning-lab-notes.md).
         """
         with self._transaction() as conn:
             return conn.execute("DELETE FROM runs WHERE study = ?", (study,)).rowcount
