@@ -151,45 +151,45 @@ def build_dataset(recipe: Recipe, tree, out_root: Path, built_by: str | None = N
     order = np.random.RandomState(SHUFFLE_SEED).permutation(len(rows))
     rows, y, is_test = rows[order], y[order], is_test[order]
 
-    arrays = all(isinstance(data.images[i], np.ndarray) for i in rows)
-    prepared, resized, jpegs = [], 0, 0
-    for i in rows:
-        try:
-            image, was_resized, made_jpeg = encode_image(data.images[i], recipe.encode)
-            prepared.append(prepare_image(image))
-        except (UndecodableImage, OSError, ValueError) as exc:
-            raise UserInputError(f"{recipe.name}: {data.paths[i]}: cannot decode ({exc})") from None
-        resized, jpegs = resized + was_resized, jpegs + made_jpeg
-    shapes = {(p.height, p.width) for p in prepared}
-    channels = 1 if all(p.channels == 1 for p in prepared) else 3
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_name(f".{out.name}.part")  # hidden: a leftover is never taken for a dataset
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    if arrays and len({data.images[i].shape for i in rows}) == 1:
-        x = np.stack([data.images[i] for i in rows])
+    resized = jpegs = reencoded = 0
+    if all(isinstance(data.images[i], np.ndarray) for i in rows) and len({data.images[i].shape for i in rows}) == 1:
+        x = np.stack([data.images[i] for i in rows])  # arrays of one shape: stored as they are
         x = x[..., None] if x.ndim == 3 else x
         np.savez_compressed(work / "data.npz", x=x, y=y, is_test=is_test)
-        storage = "x"
+        storage, channels = "x", x.shape[-1]
+        sizes = np.tile([x.shape[2], x.shape[1]], (len(x), 1))
     else:
-        blobs = [p.encoded for p in prepared]
-        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(b) for b in blobs])
-        encoded = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        prepared = []
+        for i in rows:
+            try:
+                image, was_resized, made_jpeg = encode_image(data.images[i], recipe.encode)
+                prepared.append(prepare_image(image))
+            except (UndecodableImage, OSError, ValueError) as exc:
+                raise UserInputError(f"{recipe.name}: {data.paths[i]}: cannot decode ({exc})") from None
+            resized, jpegs = resized + was_resized, jpegs + made_jpeg
+        reencoded = sum(p.reencoded for p in prepared)
+        offsets = np.zeros(len(prepared) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(p.encoded) for p in prepared])
+        encoded = np.frombuffer(b"".join(p.encoded for p in prepared), dtype=np.uint8)
         np.savez_compressed(work / "data.npz", encoded=encoded, offsets=offsets, y=y, is_test=is_test)
-        storage = "encoded+offsets"
+        storage, channels = "encoded+offsets", 1 if all(p.channels == 1 for p in prepared) else 3
+        sizes = np.array([(p.width, p.height) for p in prepared])
     if untested:
         split_text += f"; {len(untested)} class(es) without a test image: {', '.join(untested[:10])}"
-    info = describe(recipe, data, y, is_test, prepared, shapes, channels, split_text, storage, work / "data.npz",
-                    resized=resized, jpegs=jpegs, reencoded=sum(p.reencoded for p in prepared) if storage != "x" else 0,
-                    dropped=len(data.images) - len(rows), built_by=built_by)
+    info = describe(recipe, data, y, is_test, sizes, int(channels), split_text, storage, work / "data.npz",
+                    resized=resized, jpegs=jpegs, reencoded=reencoded, dropped=len(data.images) - len(rows),
+                    built_by=built_by)
     (work / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
     return info
 
 
-def describe(recipe, data, y, is_test, prepared, shapes, channels, split_text, storage, npz_path, *,
+def describe(recipe, data, y, is_test, sizes, channels, split_text, storage, npz_path, *,
              resized, jpegs, reencoded, dropped, built_by) -> dict:
     """info.json: the fields of `../shared/datasets/README.md`, plus the recipe (every conversion choice)."""
     notes = ([recipe.notes] if recipe.notes else []) + data.notes
@@ -208,11 +208,10 @@ def describe(recipe, data, y, is_test, prepared, shapes, channels, split_text, s
     info = {"name": recipe.name, "domain": recipe.domain, "source": recipe.source, "license": recipe.license,
             "multilabel": bool((y.sum(axis=1) != 1).any()), "channels": channels,
             "class_names": data.class_names, "split": split_text, "notes": " ".join(notes)}
-    if len(shapes) == 1:
-        height, width = next(iter(shapes))
+    if len({tuple(size) for size in sizes}) == 1:
+        width, height = (int(v) for v in sizes[0])
         info["image_shape"] = [height, width, channels]
     else:
-        sizes = np.array([(p.width, p.height) for p in prepared])
         info.update({"image_shape": "variable", "image_size_min_wh": sizes.min(axis=0).tolist(),
                      "image_size_max_wh": sizes.max(axis=0).tolist(),
                      "image_size_median_wh": np.median(sizes, axis=0).tolist()})
