@@ -22,10 +22,11 @@ from typing import Callable
 
 import numpy as np
 
+from tools import convert
 from tools.convert import _natural_key
 from tools.errors import UserInputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
+IMAGE_SUFFIXES = tuple(sorted(convert.IMAGE_SUFFIXES))  # what `tools convert` takes for an image file
 
 
 @dataclass
