@@ -35,11 +35,13 @@ class Model:
     """The kit's interface: Model(metadata), train(dataset, remaining_time_budget), test(...), done_training."""
 
     def __init__(self, metadata):
+        from meta_db.second_choice import second_choice_for
         from meta_db.selector import choice_log_line, select_pipeline
 
         self.config, self.selection_info = select_pipeline(metadata)
         logging.getLogger("model").info(choice_log_line(self.config, self.selection_info))
-        self.solver = Solver(metadata, self.config)
+        # After the probe, the store may change the fine-tuning settings given what the probe saw.
+        self.solver = Solver(metadata, self.config, second_choice=second_choice_for(metadata, self.config))
 
     @property
     def done_training(self):

@@ -17,6 +17,17 @@ from dataclasses import asdict, dataclass, field, fields
 ID_BASELINE = {"top_lr": 0.002, "first_chunk_seconds": 1.5}
 
 
+# Fields read only once fine-tuning starts (autodl_core/stages/finetune.py, autodl_core/growth.py): a run
+# at the end of its probe stage can still take any value of these. Every other field (backbone, probe
+# resolution, strategy, trunk depth, validation split, first chunk...) has shaped the run by then.
+FINETUNE_FIELDS = frozenset({
+    "finetune_resolution", "lr", "top_lr", "top_dropout", "batch_size", "weight_decay", "ema_decay",
+    "label_smoothing", "augment_flip", "augment_shift", "slice_growth", "first_slice_seconds",
+    "patience_slices", "max_epochs_without_val", "flip_tta", "resolution_growth", "max_resolution_growths",
+    "val_noise_z",
+})
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     backbone: str = "mobilenetv2_100"
@@ -78,6 +89,23 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"unknown pipeline fields: {sorted(unknown)}")
         return cls(**data)
+
+    def resolved_strategy(self, device_type: str) -> str:
+        """The strategy a run on `device_type` ("cuda" or "cpu") follows: "auto" resolved."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "finetune" if device_type == "cuda" else "finetune_top"
+
+    def probe_phase(self, device_type: str) -> tuple:
+        """The settings a run on `device_type` has acted on by the end of its probe stage (all but
+        FINETUNE_FIELDS; the strategy as resolved there)."""
+        settings = {k: v for k, v in self.to_dict().items() if k not in FINETUNE_FIELDS | {"extra"}}
+        settings["strategy"] = self.resolved_strategy(device_type)
+        return tuple(sorted((k, repr(v)) for k, v in settings.items()))
+
+    def same_until_finetuning(self, other: "PipelineConfig", device_type: str) -> bool:
+        """Whether a run of `self` on `device_type` can become a run of `other` at the end of its probe."""
+        return self.probe_phase(device_type) == other.probe_phase(device_type)
 
     def pipeline_id(self) -> str:
         """Stable id: a hash of the fields that differ from the baseline (extra excluded).

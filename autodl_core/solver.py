@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,10 +32,13 @@ from autodl_core.warmup import prepare_backbone
 
 log = logging.getLogger("autodl_core.solver")
 
+# (probe features, images, labels of the first examples) -> (a pipeline to fine-tune with instead, or None; why)
+SecondChoiceCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[PipelineConfig | None, str]]
+
 
 class Solver:
     def __init__(self, metadata, config: PipelineConfig | None = None, device: str | None = None,
-                 plan: DevicePlan | None = None):
+                 plan: DevicePlan | None = None, second_choice: SecondChoiceCallback | None = None):
         config = config or PipelineConfig()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = plan or plan_for(device)
@@ -50,6 +54,7 @@ class Solver:
         self.stages = {stage.name: stage for stage in (self.thumbnails, self.probe, self.finetune)}
         self.stage = "thumbnails"
         self.calls = self.test_calls = 0
+        self.second_choice = second_choice
 
     # ------------------------------------------------------------------ what callers read
     @property
@@ -129,6 +134,29 @@ class Solver:
             self.ctx.done_training = True
             return
         self.stage = stage.step(deadline)
+        if stage is self.probe and self.stage == "finetune" and self.second_choice is not None:
+            self._second_look()
+
+    def _second_look(self):
+        """Once, between the probe and fine-tuning: the caller (model.py: the meta-knowledge store) may
+        exchange the fine-tuning stage's settings for others, given what the probe has seen. Fine-tuning
+        has not started, so its stage is simply made anew; a failing callback changes nothing."""
+        callback, self.second_choice = self.second_choice, None
+        started = time.monotonic()
+        try:
+            config, reason = callback(*self.probe.first_examples())
+        except Exception as exc:  # the first choice stands
+            log.warning("second look at the pipeline failed (%s): keeping %s", exc, self.ctx.config.pipeline_id())
+            return
+        log.info("second look (%.2fs): %s", time.monotonic() - started, reason)
+        if config is None or config == self.ctx.config:
+            return
+        if not self.ctx.config.same_until_finetuning(config, self.ctx.device.type):
+            log.warning("second look proposed %s, which differs before fine-tuning: ignored", config.pipeline_id())
+            return
+        self.ctx.config = config
+        self.finetune = FinetuneStage(self.ctx, self.thumbnails, self.probe)
+        self.stages["finetune"] = self.finetune
 
     def _fallback_after_error(self):
         """After an internal error, stop the stage that failed; the next test returns the last good predictions."""

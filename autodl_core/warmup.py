@@ -48,9 +48,7 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
     network = create_backbone(config.backbone, pretrained=True, num_classes=0)
     network.to(device).eval()
     network = network.to(memory_format=torch.channels_last)
-    strategy = config.strategy
-    if strategy == "auto":
-        strategy = "finetune" if device.type == "cuda" else "finetune_top"
+    strategy = config.resolved_strategy(device.type)
     if strategy == "finetune":
         # Full fine-tuning needs no trunk-activation cache: the probe caches pooled features.
         trunk, top = network, nn.Identity()

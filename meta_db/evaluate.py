@@ -132,9 +132,15 @@ def evaluate_store(store_path, time_budget: float | None = None, hardware: str |
     from autodl_core.config import PipelineConfig
     from meta_db.selector import load_knowledge
 
+    from meta_db.second_choice import data_features_of, gate, with_landmarks
+
     knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware)
     rows = leave_one_dataset_out(knowledge, k=k, default_id=PipelineConfig().pipeline_id(), method=method)
     text = markdown_report(rows, knowledge, k, method)
+    if rows:  # the in-run second look (meta_db/second_choice.py), judged the same way
+        landmarks = with_landmarks(knowledge, data_features_of(store_path), PipelineConfig().backbone)
+        summary = gate(knowledge, landmarks, method, k).summary()
+        text += f"\n{summary[0].upper()}{summary[1:]}.\n"
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)

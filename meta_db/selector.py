@@ -606,7 +606,7 @@ def make_selector(knowledge: Knowledge, method: str | None = None, k: int = DEFA
 _CACHE: dict = {}
 
 
-def _backbone_ok():
+def backbone_checker():
     """A pipeline is runnable here when its backbone is registered and its weights are found locally.
 
     Checked only when cheap, i.e. torch is already loaded (model.py loads it first): importing
@@ -639,7 +639,7 @@ def _selector_for(path: Path) -> GapSelector:
            os.environ.get(ENV_SELECTOR))
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = make_selector(load_knowledge(path, backbone_ok=_backbone_ok()))
+        _CACHE[key] = make_selector(load_knowledge(path, backbone_ok=backbone_checker()))
     return _CACHE[key]
 
 

@@ -298,3 +298,38 @@ def test_a_budget_below_the_safety_margin_gets_the_prior_at_once(monkeypatch):
     predictions = solver.test(test_ds, SAFETY_SECONDS - 1.5)
     assert predictions.shape == (len(x_te), 10) and np.allclose(predictions, 0.1)
     assert solver.data.test_x is None
+
+
+def test_a_second_look_after_the_probe_changes_only_the_fine_tuning_settings():
+    """The callback model.py passes (meta_db/second_choice.py) is asked once, at the end of the probe, with
+    the first examples' features; a switchable answer is used, any other (or a failure) is ignored."""
+    x_tr, y_tr, x_te, y_te = digits_task()
+    first = PipelineConfig(strategy="finetune_top", first_slice_seconds=2.0, patience_slices=1,
+                           max_resolution_growths=0)
+    second = PipelineConfig(strategy="finetune_top", first_slice_seconds=2.0, patience_slices=1,
+                            max_resolution_growths=0, top_lr=0.03, finetune_resolution=64)
+    not_switchable = PipelineConfig(probe_resolution=96)
+    asked = []
+
+    def callback(answer):
+        def look(features, images, labels):
+            asked.append((features.shape, images.shape, labels.shape))
+            if isinstance(answer, Exception):
+                raise answer
+            return answer, "test"
+        return look
+
+    for answer, expected in ((second, second), (not_switchable, first), (RuntimeError("store broken"), first)):
+        asked.clear()
+        solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), first, second_choice=callback(answer))
+        train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
+        start = time.monotonic()
+        while solver.finetune.tuner is None and not solver.done_training and time.monotonic() - start < 120:
+            solver.train(train_ds, 200)
+            assert solver.test(test_ds, 200).shape == (len(x_te), 10)
+        assert len(asked) == 1, asked  # once, when the probe hands over
+        n = asked[0][0][0]
+        assert 0 < n <= 1000 and asked[0][1][0] == n and asked[0][2] == (n, 10)
+        assert solver.ctx.config == expected
+        assert solver.finetune.tuner is not None and solver.stages["finetune"] is solver.finetune
+        assert solver.finetune.size == ((64, 64) if expected is second else solver.probe.size)

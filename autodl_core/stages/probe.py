@@ -104,6 +104,14 @@ class ProbeStage:
             deadline=min(time.monotonic() + 5.0, ctx.planner.deadline - 1.0 - self.test_feature_cost(size)))
         self.size = size
 
+    def first_examples(self, n: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(frozen features, images, labels) of the first `n` training examples with features: what a
+        second look at the pipeline choice measures its landmarkers on."""
+        features = self.ctx.caches.train_features
+        n = min(n, 0 if features is None else len(features))
+        data = self.ctx.data
+        return features[:n].float().cpu().numpy(), data.train_x[:n], data.train_y[:n]
+
     @staticmethod
     def l2(n: int) -> float:
         return float(np.clip(2.0 / max(1, n), 1e-4, 1e-2))
