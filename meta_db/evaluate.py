@@ -130,15 +130,14 @@ def evaluate_store(store_path, time_budget: float | None = None, hardware: str |
                    out: str | Path | None = None, method: str = DEFAULT_SELECTOR) -> tuple[list[LodoRow], str]:
     """LODO over one stratum of a store file; writes the markdown to `out` when given."""
     from autodl_core.config import PipelineConfig
+    from meta_db.second_choice import gate, with_landmarks
     from meta_db.selector import load_knowledge
-
-    from meta_db.second_choice import data_features_of, gate, with_landmarks
 
     knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware)
     rows = leave_one_dataset_out(knowledge, k=k, default_id=PipelineConfig().pipeline_id(), method=method)
     text = markdown_report(rows, knowledge, k, method)
     if rows:  # the in-run second look (meta_db/second_choice.py), judged the same way
-        landmarks = with_landmarks(knowledge, data_features_of(store_path), PipelineConfig().backbone)
+        landmarks = with_landmarks(knowledge, PipelineConfig().backbone)
         summary = gate(knowledge, landmarks, method, k).summary()
         text += f"\n{summary[0].upper()}{summary[1:]}.\n"
     if out is not None:

@@ -20,7 +20,6 @@ standard error of run-to-run noise; otherwise the run keeps its first choice and
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from pathlib import Path
@@ -29,10 +28,7 @@ import numpy as np
 
 from autodl_core.config import PipelineConfig
 from meta_db.metafeatures import landmark_nauc
-from meta_db.selector import DEFAULT_K, Knowledge, backbone_checker, load_knowledge, make_selector
-from meta_db.store import Store
-
-log = logging.getLogger("meta_db.second_choice")
+from meta_db.selector import DEFAULT_K, Knowledge, make_selector, selector_for
 
 THUMBNAIL_LANDMARK = "landmark_thumbnail_nauc"
 LANDMARK_EXAMPLES = 1000  # the first examples the landmarkers use, as `read_first_chunk` offline
@@ -53,30 +49,15 @@ def switchable(knowledge: Knowledge, config: PipelineConfig) -> set[str]:
 # ---------------------------------------------------------------------- knowledge with landmarkers
 
 
-def data_features_of(store_path) -> dict:
-    """{dataset_id: data_features} of every dataset of the store that has them."""
-    with Store(store_path, readonly=True) as store:
-        return {d.dataset_id: d.data_features for d in store.datasets() if d.data_features}
-
-
-def with_landmarks(knowledge: Knowledge, data_features: dict, backbone: str) -> Knowledge:
-    """`knowledge` with two more feature columns (the probe landmark of `backbone`, the thumbnail one), keeping
-    the datasets that have both."""
+def with_landmarks(knowledge: Knowledge, backbone: str) -> Knowledge:
+    """`knowledge` with two more feature columns from its stored data meta-features (the probe landmark of
+    `backbone`, the thumbnail one), keeping the datasets that have both."""
     names = (probe_landmark(backbone), THUMBNAIL_LANDMARK)
-    values = np.array([[_finite(data_features.get(d, {}).get(n)) for n in names] for d in knowledge.dataset_ids],
-                      dtype=np.float64).reshape(len(knowledge.dataset_ids), 2)
-    keep = np.isfinite(values).all(axis=1)
-    extended = dataclasses.replace(knowledge, features=np.hstack([knowledge.features, values])
-                                   if len(knowledge.features) else np.zeros((0, knowledge.features.shape[1] + 2)))
-    return extended.subset(keep)
-
-
-def _finite(value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return value if math.isfinite(value) else math.nan
+    stored = [[knowledge.data_features.get(d, {}).get(n) for n in names] for d in knowledge.dataset_ids]
+    values = np.array([[math.nan if v is None else float(v) for v in row] for row in stored],
+                      dtype=np.float64).reshape(len(stored), 2)
+    extended = dataclasses.replace(knowledge, features=np.hstack([knowledge.features, values]))
+    return extended.subset(np.isfinite(values).all(axis=1))
 
 
 # ---------------------------------------------------------------------- the two-step choice
@@ -175,15 +156,16 @@ def in_run_landmarks(probe_features, images, labels, backbone: str) -> dict:
 
 class SecondChoice:
     """The callback the solver calls once, at the end of its probe stage: (a pipeline to switch to or
-    None, why). Reads the store and runs the gate on that call, not in `Model.__init__`."""
+    None, why). Uses the knowledge the first choice was read into; runs the gate on that call, not in
+    `Model.__init__` (whose selector time stays a few milliseconds)."""
 
     def __init__(self, store_path, first: PipelineConfig, zero_shot: np.ndarray, method: str | None = None):
         self.store_path, self.first, self.zero_shot, self.method = Path(store_path), first, zero_shot, method
 
     def __call__(self, probe_features, images, labels) -> tuple[PipelineConfig | None, str]:
         backbone = self.first.backbone
-        zero_shot = load_knowledge(self.store_path, backbone_ok=backbone_checker())
-        knowledge = with_landmarks(zero_shot, data_features_of(self.store_path), backbone)
+        zero_shot = selector_for(self.store_path).knowledge  # what the first choice was made from (cached)
+        knowledge = with_landmarks(zero_shot, backbone)
         if self.first.pipeline_id() not in knowledge.pipeline_ids:
             return None, "first choice not measured in the store's stratum: kept"
         allowed = switchable(knowledge, self.first)

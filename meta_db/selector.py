@@ -101,6 +101,8 @@ class Knowledge:
     names: dict = field(default_factory=dict)  # pipeline_id -> name
     runs: np.ndarray | None = None  # datasets x pipelines: runs averaged in each cell (None: one each)
     sq_dev: np.ndarray | None = None  # datasets x pipelines: sum of squared deviations of those runs' ALC
+    # dataset_id -> the data meta-features meta-training stored (landmarkers...), for the in-run second look
+    data_features: dict = field(default_factory=dict)
 
     def subset(self, keep: np.ndarray) -> "Knowledge":
         keep = np.asarray(keep, dtype=bool)
@@ -108,7 +110,7 @@ class Knowledge:
                          [f for f, k in zip(self.families, keep) if k], self.features[keep],
                          self.pipeline_ids, self.configs, self.alc[keep], self.time_budget, self.hardware,
                          self.names, None if self.runs is None else self.runs[keep],
-                         None if self.sq_dev is None else self.sq_dev[keep])
+                         None if self.sq_dev is None else self.sq_dev[keep], self.data_features)
 
     def run_counts(self) -> np.ndarray:
         return np.ones_like(self.alc) if self.runs is None else np.maximum(self.runs, 1)
@@ -284,7 +286,8 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
     features = np.array(vectors).reshape(len(dataset_ids), -1) if vectors else np.zeros((0, 0))
     return Knowledge(dataset_ids, families, features, pipeline_ids, {p: configs[p] for p in pipeline_ids}, alc,
                      time_budget=None if stratum is None else stratum[0],
-                     hardware=None if stratum is None else stratum[1], names=names, runs=runs, sq_dev=sq_dev)
+                     hardware=None if stratum is None else stratum[1], names=names, runs=runs, sq_dev=sq_dev,
+                     data_features={d: datasets[d].data_features for d in dataset_ids if datasets[d].data_features})
 
 
 def expected_time_budget() -> float:
@@ -606,7 +609,7 @@ def make_selector(knowledge: Knowledge, method: str | None = None, k: int = DEFA
 _CACHE: dict = {}
 
 
-def backbone_checker():
+def _backbone_ok():
     """A pipeline is runnable here when its backbone is registered and its weights are found locally.
 
     Checked only when cheap, i.e. torch is already loaded (model.py loads it first): importing
@@ -633,13 +636,14 @@ def backbone_checker():
     return ok
 
 
-def _selector_for(path: Path) -> GapSelector:
+def selector_for(path: Path) -> GapSelector:
+    """The selector of the store at `path`, built once per process (and per store file, device, budget)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, current_device_kind(), expected_time_budget(),
            os.environ.get(ENV_SELECTOR))
     if key not in _CACHE:
         _CACHE.clear()
-        _CACHE[key] = make_selector(load_knowledge(path, backbone_ok=backbone_checker()))
+        _CACHE[key] = make_selector(load_knowledge(path, backbone_ok=_backbone_ok()))
     return _CACHE[key]
 
 
@@ -675,7 +679,7 @@ def select_pipeline(metadata, store: str | os.PathLike | None = None) -> tuple[P
     if not path.is_file():
         return PipelineConfig(), f"default pipeline (no meta-knowledge store at {path})"
     try:
-        selector = _selector_for(path)
+        selector = selector_for(path)
         if selector.empty:
             return PipelineConfig(), (f"device default pipeline (store {path.name} holds no usable run "
                                       f"measured on this kind of hardware, {current_device_kind()})")

@@ -45,7 +45,7 @@ def _landmark_store(path, signal: bool, n: int = 12):
                 store.record_run(RunRecord(f"set{i}", config.pipeline_id(), 300.0, "cpu2", "ok", alc=alc,
                                            timestamps=[1.0, 5.0], scores=[0.2, alc]))
     zero_shot = load_knowledge(path, time_budget=300.0, hardware="cpu2")
-    return zero_shot, sc.with_landmarks(zero_shot, sc.data_features_of(path), DEFAULT.backbone)
+    return zero_shot, sc.with_landmarks(zero_shot, DEFAULT.backbone)
 
 
 def test_switchable_pipelines_share_the_probe(tmp_path):
@@ -75,7 +75,7 @@ def test_datasets_without_landmarkers_are_left_out_of_the_second_look(tmp_path):
         store.record_run(RunRecord("bare", DEFAULT.pipeline_id(), 300.0, "cpu2", "ok", alc=0.9,
                                    timestamps=[1.0], scores=[0.9]))
     zero_shot = load_knowledge(path, time_budget=300.0, hardware="cpu2")
-    extended = sc.with_landmarks(zero_shot, sc.data_features_of(path), DEFAULT.backbone)
+    extended = sc.with_landmarks(zero_shot, DEFAULT.backbone)
     assert "bare" in zero_shot.dataset_ids and "bare" not in extended.dataset_ids
 
 
