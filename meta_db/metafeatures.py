@@ -71,6 +71,23 @@ def zero_shot_vector(features: dict) -> np.ndarray:
 # ---------------------------------------------------------------------- hardware
 
 
+def cpu_model() -> str:
+    """The processor's name ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."), "" when unknown.
+
+    Recorded with every run: two machines of one stratum key (cpu2) differ by up to 0.05 ALC on one
+    dataset for every pipeline (stop 19: peta 0.49 on a Xeon, 0.44 on an EPYC), so comparisons
+    between pipelines are only fair within one model.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
 def hardware_profile(measure_backbone: str | None = None, resolution: int = 64, use_torch: bool = True) -> dict:
     """Device kind, CPU count, GPU name; `key` names the stratum runs are grouped by.
 
@@ -90,7 +107,7 @@ def hardware_profile(measure_backbone: str | None = None, resolution: int = 64, 
                 kind, gpu = "cuda", torch.cuda.get_device_name(0)
         except Exception:  # a broken CUDA setup runs on the CPU
             pass
-    info = {"kind": kind, "cpu_count": cpus, "gpu": gpu, "machine": platform.machine(),
+    info = {"kind": kind, "cpu_count": cpus, "gpu": gpu, "machine": platform.machine(), "cpu_model": cpu_model(),
             "key": hardware_key(kind, cpus, gpu)}
     if measure_backbone:
         info["throughput"] = {measure_backbone: measure_throughput(measure_backbone, resolution, device=kind)}

@@ -21,7 +21,8 @@ PORTFOLIO: dict[str, PipelineConfig] = {
     # (finetune_top on a CPU: the top blocks tuned on cached trunk activations; finetune on a GPU),
     # top learning rate 0.016, first prediction after 0.5 s of reading (stop 10)
     "default": PipelineConfig(),
-    # the default of stops 9-10 (first chunk 1.5 s; measured as "mnv2-top-lr16" at stop 8)
+    # the default of stops 9-10 (first chunk 1.5 s; measured as "mnv2-top-lr16" at stop 8);
+    # retired from the shipped store's choice at stop 19, like r96 (`tools meta-train --retire-pipeline`)
     "mnv2-top-lr16": measured(top_lr=0.016),
     # the first default, top learning rate 0.002
     "mnv2-top-lr2": measured(),

@@ -19,7 +19,8 @@ metadata meta-features.
 - far from every stored dataset (distance beyond what the store's own datasets show), the
   best fixed pipeline (`best_fixed`); no usable store: PipelineConfig() defaults.
 Stored pipelines this code cannot run (unknown fields; when torch is loaded: a backbone not
-registered or without local weights) are left out.
+registered or without local weights), and those the store retired (`tools meta-train
+--retire-pipeline`), are left out.
 """
 from __future__ import annotations
 
@@ -238,6 +239,7 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
             f"FROM runs WHERE status != ? AND {IN_USE} GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
         datasets = {d.dataset_id: d for d in store.datasets()}
         pipelines = store.pipelines()
+        retired = store.retired_pipelines()  # dropped from the portfolio in use: never chosen
     strata: dict = {}
     for r in rows:
         strata[(r["time_budget"], r["hardware"])] = strata.get((r["time_budget"], r["hardware"]), 0) + r["n"]
@@ -250,6 +252,8 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
     configs, names = {}, {}
     current_names = {pipeline_id: name for name, pipeline_id in portfolio_ids().items()}
     for pipeline_id, name, raw in pipelines:
+        if pipeline_id in retired:
+            continue
         try:
             config = PipelineConfig.from_dict(raw)
         except (TypeError, ValueError):

@@ -14,6 +14,7 @@ Schema (version SCHEMA_VERSION, in `PRAGMA user_version` and the `store_info` ta
        tf_mode, code_version, status, error, alc, final_nauc, n_predictions, curve JSON {timestamps, scores},
        time_to_first_prediction, peak_rss_bytes, init_seconds, wall_time, started_at, finished_at, study, worker)
   retired_code(code_version PK: a git commit or prefix, reason, retired_at)
+  retired_pipelines(pipeline_id PK, reason, retired_at)
 Opening an older file upgrades it (MIGRATIONS); a newer one is refused (StoreVersionError).
 
 Retired code: the runs of a retired code version stay in the file, the record of what was measured,
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from autodl_core.config import PipelineConfig
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_STORE_PATH = Path(__file__).resolve().parent / "store.sqlite"
 BUSY_TIMEOUT_SECONDS = 60.0
 # A run whose harness (not the solver) failed: no ALC to learn from, excluded from selection.
@@ -96,6 +97,13 @@ MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS retired_code (
         code_version TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        retired_at TEXT NOT NULL
+    );
+    """,
+    2: """
+    CREATE TABLE IF NOT EXISTS retired_pipelines (
+        pipeline_id TEXT PRIMARY KEY REFERENCES pipelines(pipeline_id),
         reason TEXT NOT NULL,
         retired_at TEXT NOT NULL
     );
@@ -421,6 +429,52 @@ class Store:
         """{code version prefix: reason}."""
         return {r["code_version"]: r["reason"] for r in self.conn.execute("SELECT * FROM retired_code")}
 
+    def retire_pipelines(self, pipeline_ids: list[str], reason: str) -> int:
+        """Drop these pipelines from the choices the selector makes (their runs stay, still counted as
+        measured); returns how many runs in use they hold.
+
+        Why not delete them: the runs are the record of what was measured, and a member retired from
+        the portfolio may be worth restoring once new families show where it wins.
+        """
+        reason = (reason or "").strip()
+        if not reason:
+            raise ValueError("retiring a pipeline needs a reason (it is kept with it)")
+        ids = self._known_pipeline_ids(pipeline_ids)
+        with self._transaction() as conn:
+            for pipeline_id in ids:
+                conn.execute("INSERT OR REPLACE INTO retired_pipelines(pipeline_id, reason, retired_at) "
+                             "VALUES (?, ?, ?)", (pipeline_id, reason, now_iso()))
+        return self._run_count_of(ids)
+
+    def restore_pipelines(self, pipeline_ids: list[str]) -> int:
+        """Let the selector choose these retired pipelines again; returns how many runs in use they hold."""
+        ids = self._known_pipeline_ids(pipeline_ids)
+        with self._transaction() as conn:
+            unknown = [p for p in ids if conn.execute("DELETE FROM retired_pipelines WHERE pipeline_id = ?",
+                                                      (p,)).rowcount == 0]
+            if unknown:
+                raise ValueError(f"not retired: {unknown} (retired: {sorted(self.retired_pipelines())})")
+        return self._run_count_of(ids)
+
+    def retired_pipelines(self) -> dict[str, str]:
+        """{pipeline_id: reason}."""
+        return {r["pipeline_id"]: r["reason"] for r in self.conn.execute("SELECT * FROM retired_pipelines")}
+
+    def _known_pipeline_ids(self, pipeline_ids) -> list[str]:
+        ids = [str(p).strip() for p in pipeline_ids if p and str(p).strip()]
+        if not ids:
+            raise ValueError("name at least one pipeline id")
+        known = {r[0] for r in self.conn.execute("SELECT pipeline_id FROM pipelines")}
+        unknown = [p for p in ids if p not in known]
+        if unknown:
+            raise ValueError(f"pipeline(s) not in the store: {unknown}")
+        return ids
+
+    def _run_count_of(self, pipeline_ids: list[str]) -> int:
+        marks = ",".join("?" * len(pipeline_ids))
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE pipeline_id IN ({marks}) AND {IN_USE}",
+                                     pipeline_ids).fetchone()[0])
+
     def _retired_run_count(self) -> int:
         return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE NOT {IN_USE}").fetchone()[0])
 
@@ -455,7 +509,8 @@ class Store:
         hardware = [r[0] for r in self.conn.execute("SELECT DISTINCT hardware FROM runs ORDER BY 1")]
         return {"schema_version": self.schema_version(), "datasets": count("datasets"),
                 "pipelines": count("pipelines"), "runs": count("runs"), "retired_runs": retired,
-                "retired_code": self.retired_code(), "statuses": statuses,
+                "retired_code": self.retired_code(), "retired_pipelines": self.retired_pipelines(),
+                "statuses": statuses,
                 "time_budgets": budgets, "hardware": hardware}
 
 

@@ -184,6 +184,46 @@ def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
         sorted([A.pipeline_id(), DEFAULT.pipeline_id()])
 
 
+def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys):
+    from tools.cli import main
+
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        for name in ("gray", "color"):
+            store.upsert_dataset(DatasetRecord(name, features(1000, 10, 28, 1)))
+        for config in (A, DEFAULT):
+            store.upsert_pipeline(config)
+        store.record_run(RunRecord("gray", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9))
+        store.record_run(RunRecord("color", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9))
+        store.record_run(RunRecord("gray", DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.7))
+        store.record_run(RunRecord("color", DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.8))
+        with pytest.raises(ValueError, match="reason"):
+            store.retire_pipelines([A.pipeline_id()], "")
+        with pytest.raises(ValueError, match="not in the store"):
+            store.retire_pipelines(["0123456789ab"], "unknown")
+    knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
+    assert sel.make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == A.pipeline_id()
+    # by portfolio name, through the command line
+    assert main(["meta-train", "--retire-pipeline", "mnv2-top-r32", "--store", str(path)]) == 2  # no reason
+    assert main(["meta-train", "--retire-pipeline", "mnv2-top-r32", "--reason", "never wins",
+                 "--store", str(path)]) == 0
+    assert "2 run(s) kept" in capsys.readouterr().out
+    with Store(path) as store:
+        assert store.retired_pipelines() == {A.pipeline_id(): "never wins"}
+        assert len(store.measured_keys()) == 4  # still measured: meta-training does not redo them
+        assert store.summary()["retired_pipelines"] == {A.pipeline_id(): "never wins"}
+    knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
+    assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()]
+    assert sel.make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == DEFAULT.pipeline_id()
+    assert main(["meta-train", "--restore-pipeline", "mnv2-probe", "--store", str(path)]) == 2  # not stored
+    assert main(["meta-train", "--restore-pipeline", A.pipeline_id(), "--store", str(path)]) == 0
+    with Store(path) as store:
+        assert store.retired_pipelines() == {}
+        with pytest.raises(ValueError, match="not retired"):
+            store.restore_pipelines([A.pipeline_id()])
+    assert len(sel.load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == 2
+
+
 def test_store_upgrades_a_version_1_file_keeping_its_runs(tmp_path):
     from meta_db.store import MIGRATIONS
 
@@ -198,9 +238,10 @@ def test_store_upgrades_a_version_1_file_keeping_its_runs(tmp_path):
     conn.commit()
     conn.close()
     with Store(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         assert store.retired_code() == {} and store.alc_table() == {("d", "p"): pytest.approx(0.5)}
         assert store.retire_code(["abcd"], "old") == 1
+        assert store.retired_pipelines() == {} and store.retire_pipelines(["p"], "dropped") == 0  # its run: old code
 
 
 # ---------------------------------------------------------------------- meta-features and portfolio

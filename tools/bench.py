@@ -177,8 +177,12 @@ def pipeline_used(run_out: Path) -> dict:
 
 
 def _hardware() -> str:
+    """What the rows ran on, with the CPU model: machines of one stratum key differ in ALC (cpu_model)."""
+    from meta_db.metafeatures import cpu_model
+
+    model = cpu_model()
     return (f"{platform.machine()} {psutil.cpu_count(logical=True)} cpu, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB" + (f", {model}" if model else ""))
 
 
 def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: float, out_dir: Path,

@@ -11,6 +11,8 @@
     tools meta-train --drop-study STUDY [--store S]                               forget one study's runs
     tools meta-train --retire-code COMMIT... --reason TEXT [--store S]           stop learning from old code's runs
     tools meta-train --restore-code COMMIT... [--store S]                        learn from them again
+    tools meta-train --retire-pipeline NAME|ID... --reason TEXT [--store S]      the selector stops choosing it
+    tools meta-train --restore-pipeline NAME|ID... [--store S]                   it may be chosen again
     tools meta-train --list-portfolio
 
 Each task (dataset, pipeline, budget, seed, TF mode) is one Optuna trial: enqueued once as
@@ -664,6 +666,30 @@ def _pipelines_from_args(specs, store_path):
         raise UserInputError(str(exc)) from None
 
 
+def retire_or_restore_pipelines(store_path, retire: list[str] | None, restore: list[str] | None,
+                                reason: str | None, log=print) -> int:
+    """`--retire-pipeline` / `--restore-pipeline`: names or ids resolved as `--pipelines` resolves them."""
+    from meta_db.portfolio import resolve_pipelines
+    from meta_db.store import Store
+
+    specs = retire or restore
+    with Store(store_path) as store:  # writable first: an older file is upgraded before it is read
+        try:
+            known = {pipeline_id: config for pipeline_id, (_, config) in stored_pipelines(store).items()}
+            ids = [config.pipeline_id() for _, config in resolve_pipelines(specs, known)]
+            if retire:
+                n = store.retire_pipelines(ids, reason)
+                log(f"retired {', '.join(specs)} in {store_path}: the selector no longer chooses them "
+                    f"({n} run(s) kept; {reason})")
+            else:
+                n = store.restore_pipelines(ids)
+                log(f"{', '.join(specs)} may be chosen again ({n} run(s) in use)")
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
+        log(f"retired pipelines: {json.dumps(store.retired_pipelines())}")
+    return 0
+
+
 def write_lodo_stores(store_path, out_dir, k: int = 5, method: str | None = None) -> list[tuple[str, Path, str]]:
     """One store per corpus family with that family left out, and what the selector then picks for it.
 
@@ -723,8 +749,8 @@ def _cli(args) -> int:
                          seed=args.seed)
         print(f"{n} bench run(s) stored in {store_path} (seed {args.seed})")
         return 0
-    if (args.evaluate or args.drop_study or args.lodo_stores or args.retire_code or args.restore_code) \
-            and not store_path.is_file():
+    if (args.evaluate or args.drop_study or args.lodo_stores or args.retire_code or args.restore_code
+            or args.retire_pipeline or args.restore_pipeline) and not store_path.is_file():
         raise UserInputError(f"store not found: {store_path}")  # these modes read an existing store
     if args.evaluate:
         from meta_db.evaluate import evaluate_store
@@ -756,6 +782,8 @@ def _cli(args) -> int:
         print(f"runs: {summary['runs']}, retired: {summary['retired_runs']} "
               f"(code versions {json.dumps(summary['retired_code'])})")
         return 0
+    if args.retire_pipeline or args.restore_pipeline:
+        return retire_or_restore_pipelines(store_path, args.retire_pipeline, args.restore_pipeline, args.reason)
     if args.lodo_stores:
         for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k, method=args.selector):
             print(f"{family}\t{path}\t{choice}")
@@ -809,6 +837,10 @@ def register(subparsers) -> None:
                       help="stop learning from the runs of these code versions (git commits or prefixes; "
                            "kept in the store, needs --reason)")
     mode.add_argument("--restore-code", nargs="+", metavar="COMMIT", help="learn from retired code versions again")
+    mode.add_argument("--retire-pipeline", nargs="+", metavar="P",
+                      help="the selector stops choosing these pipelines (portfolio names or ids; their runs stay; "
+                           "needs --reason)")
+    mode.add_argument("--restore-pipeline", nargs="+", metavar="P", help="let the selector choose retired pipelines again")
     mode.add_argument("--list-portfolio", action="store_true", help="print the portfolio's pipeline ids and names")
     parser.add_argument("--datasets", nargs="+", metavar="DIR",
                         help="AutoDL dataset folders, or folders holding several")
@@ -841,7 +873,7 @@ def register(subparsers) -> None:
     parser.add_argument("--selector", choices=sorted(SELECTORS), default=DEFAULT_SELECTOR,
                         help="--evaluate, --lodo-stores: which selector (default %(default)s)")
     parser.add_argument("--report", help="--evaluate: also write the markdown table to this file")
-    parser.add_argument("--reason", help="--retire-code: why (kept in the store)")
+    parser.add_argument("--reason", help="--retire-code, --retire-pipeline: why (kept in the store)")
     parser.add_argument("--variants-out", help="--make-variants: output folder")
     parser.add_argument("--per-dataset", type=int, default=3, help="--make-variants: random variants per source")
     parser.add_argument("--variant", action="append", metavar="SPEC",
