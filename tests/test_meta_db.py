@@ -142,13 +142,18 @@ def test_store_round_trip_and_queries(tmp_path):
         assert summary["runs"] == 2 and summary["datasets"] == 2 and summary["time_budgets"] == [300.0, 600.0]
 
 
+def add_gray_and_color(store):
+    """Two datasets of one shape and pipelines A and DEFAULT: what the retirement tests measure on."""
+    for name in ("gray", "color"):
+        store.upsert_dataset(DatasetRecord(name, features(1000, 10, 28, 1)))
+    for config in (A, DEFAULT):
+        store.upsert_pipeline(config)
+
+
 def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
     path = tmp_path / "s.sqlite"
     with Store(path) as store:
-        for name in ("gray", "color"):
-            store.upsert_dataset(DatasetRecord(name, features(1000, 10, 28, 1)))
-        for config in (A, DEFAULT):
-            store.upsert_pipeline(config)
+        add_gray_and_color(store)
         old = dict(code_version="aaaa1111")
         store.record_run(RunRecord("gray", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9, **old))
         store.record_run(RunRecord("color", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9, **old))
@@ -189,10 +194,7 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
 
     path = tmp_path / "s.sqlite"
     with Store(path) as store:
-        for name in ("gray", "color"):
-            store.upsert_dataset(DatasetRecord(name, features(1000, 10, 28, 1)))
-        for config in (A, DEFAULT):
-            store.upsert_pipeline(config)
+        add_gray_and_color(store)
         store.record_run(RunRecord("gray", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9))
         store.record_run(RunRecord("color", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9))
         store.record_run(RunRecord("gray", DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.7))
