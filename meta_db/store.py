@@ -403,9 +403,7 @@ class Store:
         Why: a solver change makes the older code's runs another solver's results (stop 12: re-measured
         with today's code, mnv2-top-lr16's cells moved by -0.001 to +0.015, as much as pipelines differ).
         """
-        reason = (reason or "").strip()
-        if not reason:
-            raise ValueError("retiring a code version needs a reason (it is kept with it)")
+        reason = _required_reason(reason, "a code version")
         prefixes = _commit_prefixes(code_versions)
         with self._transaction() as conn:
             before = self._retired_run_count()
@@ -436,9 +434,7 @@ class Store:
         Why not delete them: the runs are the record of what was measured, and a member retired from
         the portfolio may be worth restoring once new families show where it wins.
         """
-        reason = (reason or "").strip()
-        if not reason:
-            raise ValueError("retiring a pipeline needs a reason (it is kept with it)")
+        reason = _required_reason(reason, "a pipeline")
         ids = self._known_pipeline_ids(pipeline_ids)
         with self._transaction() as conn:
             for pipeline_id in ids:
@@ -512,6 +508,14 @@ class Store:
                 "retired_code": self.retired_code(), "retired_pipelines": self.retired_pipelines(),
                 "statuses": statuses,
                 "time_budgets": budgets, "hardware": hardware}
+
+
+def _required_reason(reason: str | None, what: str) -> str:
+    """A retirement's reason, stripped; ValueError when there is none (it is kept with the retirement)."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise ValueError(f"retiring {what} needs a reason (it is kept with it)")
+    return reason
 
 
 def _commit_prefixes(code_versions) -> list[str]:
