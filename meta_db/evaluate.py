@@ -87,6 +87,48 @@ def _mean_line(title: str, rows: list[LodoRow]) -> str:
             f"{mean(orc - sel)} | {mean(orc - fix)} |")
 
 
+class Noise:
+    """Run-to-run noise beside the LOFO table: how many runs each cell averages and how much one run's
+    ALC varies on each dataset, so a reader can tell a selection gain from a lucky run.
+
+    A dataset's SD is its own replicates' (any pipeline), shrunk toward the store's typical SD
+    (`Knowledge.noise_sd_by_dataset`, the selector's own noise model); a cell of n runs has SD sd/sqrt(n).
+    """
+
+    def __init__(self, knowledge: Knowledge):
+        self.knowledge = knowledge
+        self.typical = knowledge.noise_sd()
+        self.by_dataset = dict(zip(knowledge.dataset_ids, knowledge.noise_sd_by_dataset(self.typical)))
+        counts = knowledge.run_counts()
+        self.counts = {(d, p): int(counts[i, j]) for i, d in enumerate(knowledge.dataset_ids)
+                       for j, p in enumerate(knowledge.pipeline_ids) if not np.isnan(knowledge.alc[i, j])}
+
+    def sd(self, dataset_id: str) -> float:
+        return float(self.by_dataset.get(dataset_id, math.nan))
+
+    def runs(self, dataset_id: str, pipeline_id: str | None) -> str:
+        return str(self.counts.get((dataset_id, pipeline_id), "-")) if pipeline_id else "-"
+
+    def difference_se(self, rows: list[LodoRow]) -> float:
+        """Standard error, from run-to-run noise alone, of mean(selected ALC - fixed ALC) over `rows`."""
+        variance = 0.0
+        for r in rows:
+            if r.selected is None or r.fixed is None or r.selected == r.fixed:
+                continue  # the same cell on both sides: no noise in the difference
+            sd = self.sd(r.dataset_id)
+            n_sel = self.counts.get((r.dataset_id, r.selected), 1)
+            n_fix = self.counts.get((r.dataset_id, r.fixed), 1)
+            variance += sd * sd * (1.0 / n_sel + 1.0 / n_fix)
+        return math.sqrt(variance) / max(len(rows), 1)
+
+    def summary(self, rows: list[LodoRow]) -> str:
+        diff = float(np.nanmean([r.selected_alc - r.fixed_alc for r in rows])) if rows else math.nan
+        return (f"Noise: one run's ALC varies by SD {_f(self.typical)} on a typical dataset (median over the "
+                f"datasets with replicates; noise SD column: each dataset's own, shrunk toward it); selected - "
+                f"best fixed = {diff:+.4f} over {len(rows)} datasets, standard error from run-to-run noise "
+                f"{_f(self.difference_se(rows))}.")
+
+
 def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K,
                     method: str = DEFAULT_SELECTOR) -> str:
     label = knowledge.label
@@ -99,13 +141,15 @@ def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_
              "fitted without the dataset's family.",
              "",
              "| dataset | selected | ALC | best fixed | ALC | oracle | ALC | default ALC | regret sel. "
-             "| regret fixed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| regret fixed | runs sel./fixed | noise SD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    noise = Noise(knowledge)
     for r in rows:
         sel = (label(r.selected) if r.selected else "-") + (" (global)" if r.mode == "global" else "")
         lines.append(f"| {r.dataset_id} | {sel} | {_f(r.selected_alc)} | {label(r.fixed) if r.fixed else '-'} | "
                      f"{_f(r.fixed_alc)} | {label(r.oracle)} | {_f(r.oracle_alc)} | {_f(r.default_alc)} | "
-                     f"{_f(r.regret_selected)} | {_f(r.regret_fixed)} |")
+                     f"{_f(r.regret_selected)} | {_f(r.regret_fixed)} | {noise.runs(r.dataset_id, r.selected)}/"
+                     f"{noise.runs(r.dataset_id, r.fixed)} | {_f(noise.sd(r.dataset_id))} |")
     originals = [r for r in rows if r.is_original]
     derived = [r for r in rows if not r.is_original]
     # The headline is over original datasets: variants are extra training tasks, and averaging them in
@@ -118,7 +162,8 @@ def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_
         losses = sum(1 for r in originals if r.selected_alc < r.fixed_alc - 1e-9)
         lines += ["", f"Selector vs best fixed on the {len(originals)} original datasets: {wins} wins, {losses} losses, "
                       f"{len(originals) - wins - losses} ties."
-                  + (f" Variant rows ({len(derived)}) are listed but not in the headline mean." if derived else "")]
+                  + (f" Variant rows ({len(derived)}) are listed but not in the headline mean." if derived else ""),
+                  "", noise.summary(originals)]
     elif derived:
         lines += ["", "Only variant datasets have a choice in this stratum."]
     else:

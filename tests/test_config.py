@@ -43,3 +43,7 @@ def test_measured_members_keep_their_stored_ids():
     assert PORTFOLIO["mnv2-top-lr2"].pipeline_id() == "bf21a9e8fbc5"
     assert PORTFOLIO["mnv2-probe"].pipeline_id() == "8c0aed5ee340"
     assert PORTFOLIO["default"] == PipelineConfig()
+    # measured through the official kit at stop 20: their runs are stored under these ids
+    assert PORTFOLIO["mnv2-top-f128"].pipeline_id() == "0d7c2fc733cd"
+    assert PORTFOLIO["mnv2-top-f160"].pipeline_id() == "ead968364336"
+    assert PORTFOLIO["lite0-top-f128"].pipeline_id() == "c7ed095a66ed"

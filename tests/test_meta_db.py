@@ -422,8 +422,30 @@ def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
     headline = next(line for line in text.splitlines() if line.startswith("| **mean** (11)"))
     assert f"{np.mean([r.selected_alc for r in originals]):.4f}" in headline
     assert "| **mean, variants** (1) |" in text and "Variant rows (1)" in text
+    # the noise beside the table: runs per cell, each dataset's run-to-run SD, the SE of the headline gain
+    assert "| runs sel./fixed | noise SD |" in text and "standard error from run-to-run noise" in text
     _, written = evaluate_store(synthetic_store, k=3, out=tmp_path / "lodo.md")
     assert (tmp_path / "lodo.md").read_text() == written
+
+
+def test_lodo_noise_counts_only_rows_where_the_choices_differ(synthetic_store):
+    from meta_db.evaluate import LodoRow, Noise
+
+    knowledge = sel.load_knowledge(synthetic_store)
+    noise = Noise(knowledge)
+    a, b = A.pipeline_id(), B.pipeline_id()
+
+    def row(dataset_id, selected, fixed):
+        return LodoRow(dataset_id, dataset_id, selected, 0.8, fixed, 0.7, a, 0.8, None, "neighbours")
+
+    same, differ = row("gray0", a, a), row("color0", a, b)
+    assert noise.difference_se([same]) == 0.0  # one cell on both sides: the difference has no noise
+    sd = noise.sd("color0")
+    assert sd > 0
+    # one run per cell in the synthetic store: SE of the mean over these rows = sd * sqrt(1 + 1) / 2
+    assert noise.difference_se([same, differ]) == pytest.approx(sd * np.sqrt(2.0) / 2)
+    assert noise.runs("color0", a) == "1" and noise.runs("color0", None) == "-"
+    assert "standard error from run-to-run noise" in noise.summary([same, differ])
 
 
 def test_lodo_stores_leave_each_family_out(synthetic_store, tmp_path):
