@@ -96,7 +96,6 @@ class Noise:
     """
 
     def __init__(self, knowledge: Knowledge):
-        self.knowledge = knowledge
         self.typical = knowledge.noise_sd()
         self.by_dataset = dict(zip(knowledge.dataset_ids, knowledge.noise_sd_by_dataset(self.typical)))
         counts = knowledge.run_counts()
