@@ -170,6 +170,20 @@ def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_
     return "\n".join(lines) + "\n"
 
 
+def batches_section(store_path, knowledge: Knowledge) -> str:
+    """How each measuring batch sits against the others on shared cells (meta_db/batches.py)."""
+    from meta_db.batches import SUSPECT_SE, batch_offsets, markdown_batches
+
+    run_sd = knowledge.noise_sd()
+    offsets = batch_offsets(store_path, knowledge.time_budget, knowledge.hardware)
+    return ("\n## Measuring batches\n\nEach batch (the runs of one code version on one machine instance: one "
+            "sitting) against the other batches in use, from an additive fit run ALC = cell + batch over the cells "
+            "two or more batches measured; offset: the batch's effect, the typical batch at 0. Suspect: beyond "
+            f"{SUSPECT_SE:g} standard errors and beyond one run's noise (SD {_f(run_sd)}). A suspect batch can be "
+            "kept out of learning with `tools meta-train --retire-code VERSION --reason ...`.\n\n"
+            + markdown_batches(offsets, run_sd) + "\n")
+
+
 def evaluate_store(store_path, time_budget: float | None = None, hardware: str | None = None, k: int = DEFAULT_K,
                    out: str | Path | None = None, method: str = DEFAULT_SELECTOR) -> tuple[list[LodoRow], str]:
     """LODO over one stratum of a store file; writes the markdown to `out` when given."""
@@ -184,6 +198,8 @@ def evaluate_store(store_path, time_budget: float | None = None, hardware: str |
         landmarks = with_landmarks(knowledge, PipelineConfig().backbone)
         summary = gate(knowledge, landmarks, method, k).summary()
         text += f"\n{summary[0].upper()}{summary[1:]}.\n"
+    if knowledge.hardware is not None:
+        text += batches_section(store_path, knowledge)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)

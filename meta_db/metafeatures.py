@@ -88,6 +88,20 @@ def cpu_model() -> str:
     return platform.processor() or ""
 
 
+def machine_instance() -> str:
+    """This boot of this machine (the first 8 hex digits of Linux's boot id), "" where unknown.
+
+    Two instances of one CPU model can score apart too (stop 21: ten runs on one AMD EPYC instance
+    sat 0.03-0.11 below the same cells' runs on another), so runs record which instance measured them
+    and `meta_db.batches` can tell sittings apart.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip().replace("-", "")[:8]
+    except OSError:
+        return ""
+
+
 def hardware_profile(measure_backbone: str | None = None, resolution: int = 64, use_torch: bool = True) -> dict:
     """Device kind, CPU count, GPU name; `key` names the stratum runs are grouped by.
 
@@ -108,7 +122,7 @@ def hardware_profile(measure_backbone: str | None = None, resolution: int = 64, 
         except Exception:  # a broken CUDA setup runs on the CPU
             pass
     info = {"kind": kind, "cpu_count": cpus, "gpu": gpu, "machine": platform.machine(), "cpu_model": cpu_model(),
-            "key": hardware_key(kind, cpus, gpu)}
+            "machine_instance": machine_instance(), "key": hardware_key(kind, cpus, gpu)}
     if measure_backbone:
         info["throughput"] = {measure_backbone: measure_throughput(measure_backbone, resolution, device=kind)}
         info["throughput_resolution"] = resolution

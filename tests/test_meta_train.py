@@ -412,7 +412,7 @@ def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, m
     monkeypatch.setattr("meta_db.metafeatures.hardware_profile", lambda *a, **k: dict(HARDWARE))
     probe = PORTFOLIO["mnv2-probe"]
     results = write_bench_results(tmp_path / "bench", datasets, [
-        dict(solver="ours", dataset="dsa", config=probe),
+        dict(solver="ours", dataset="dsa", config=probe, machine_instance="0a1b2c3d"),
         dict(solver="ours", dataset="dsb", config=PipelineConfig(lr=0.123)),  # unknown pipeline
         dict(solver="ours", dataset="dsb__c3-r1", config=probe, hardware="x86_64 16 cpu, 128 GiB"),  # other machine
         dict(solver="kit:linear", dataset="dsa", config=None)])
@@ -423,6 +423,7 @@ def test_import_bench_stores_our_logged_pipeline_runs_only(tmp_path, datasets, m
         assert [(r.dataset_id, r.pipeline_id, r.alc, r.study) for r in runs] == \
             [("dsa", probe.pipeline_id(), 0.5, "bench:kit")]
         assert runs[0].hardware == "cpu2" and runs[0].code_version == "abc1234"
+        assert runs[0].hardware_info["machine_instance"] == "0a1b2c3d"  # the instance that ran it, not the importer
     # the same rows again replace the run; under another seed they are a replicate beside it
     assert mt.import_bench(results, store_path, with_data_features=False, log=lambda *_: None) == 1
     assert mt.import_bench(results, store_path, with_data_features=False, seed=1, log=lambda *_: None) == 1

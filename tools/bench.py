@@ -190,6 +190,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
               log=print) -> list[dict]:
     """Run what is missing from OUT/results.jsonl, sequentially; return the rows of this configuration."""
     from autodl_core.autodl_format import find_task
+    from meta_db.metafeatures import machine_instance
 
     if not (time_budget > 0 and math.isfinite(time_budget)):
         raise UserInputError(f"time budget must be a positive number of seconds, got {time_budget}")
@@ -209,6 +210,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     done = {row_key(r) for r in load_results(results_path) if r.get("status") != "judge_failed"}
     kit_problem = kit_available(kit_run, kit_git)
     hardware = _hardware()
+    instance = machine_instance()  # which boot of which machine: sittings can differ (meta_db/batches.py)
     # the code that ran: the solver's own folder (e.g. a snapshot given as --ours-dir), else this checkout
     versions = {s.name: code_version(s.code_dir if s.code_dir is not None else REPO_ROOT) for s in solvers}
 
@@ -237,7 +239,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
                     f"its ALC is not comparable (and --import-bench skips it)")
             row = {"solver": solver.name, "dataset": dataset, "time_budget": float(time_budget), "judge": row_judge,
                    "tf_mode": tf_mode, **result, **({} if solver.is_kit else pipeline_used(run_out)), "dataset_dir": str(dataset_dir), "out_dir": str(run_out),
-                   "code_version": versions[solver.name], "hardware": hardware,
+                   "code_version": versions[solver.name], "hardware": hardware, "machine_instance": instance,
                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             with open(results_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -609,9 +609,11 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
             store.upsert_dataset(record)
             name, config = known[pipeline_id]
             store.upsert_pipeline(config, name=name)
+            # the instance that ran the row, not the one importing it (older rows: unknown)
+            measured_on = {**hardware, "machine_instance": row.get("machine_instance") or ""}
             store.record_run(run_record(
                 row, dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
-                hardware=hardware["key"], hardware_info=hardware, tf_mode=row.get("tf_mode", "graph"),
+                hardware=hardware["key"], hardware_info=measured_on, tf_mode=row.get("tf_mode", "graph"),
                 seed=int(seed), code_version=row.get("code_version"), finished_at=row.get("finished_at"),
                 study=f"bench:{row.get('judge')}", worker=row["solver"]))
             imported += 1
