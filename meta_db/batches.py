@@ -1,9 +1,10 @@
 """Measuring batches side by side: does one sitting's runs sit above or below the others' on the same cells?
 
 A batch is the runs one code version recorded on one machine instance (`code_version@instance`;
-runs recorded before stop 21 name no instance: their code version alone), i.e. one sitting. Run-to-run noise is random from run to run; a batch effect is not: a slower machine
-instance, a busy host or a solver detail lowers every run of the sitting, and its cells then look like
-losses of whichever pipelines happened to run there. Stop 21 found one: the ten runs of batch
+runs recorded before stop 21 name no instance: their code version alone), i.e. one sitting.
+Run-to-run noise is random from run to run; a batch effect is not: a slower machine instance, a
+busy host or a solver detail lowers every run of the sitting, and its cells then look like losses
+of whichever pipelines happened to run there. Stop 21 found one: the ten runs of batch
 `5227448` (stop 17, 2026-12-04 23:24-00:13 UTC, another AMD EPYC instance) sat 0.03-0.11 below the
 same cells' later runs on every cell replicated since, which made `mnv2-top-f128` look 0.025-0.036
 ahead of f96 on two photo sets where the two tie.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meta_db.store import HARNESS_ERROR, Store
+from meta_db.store import HARNESS_ERROR, IN_USE, Store
 
 MIN_PAIRED = 3  # fewer paired runs than this: no verdict
 SUSPECT_SE = 3.0  # an offset beyond this many standard errors (and beyond one run's noise) is flagged
@@ -56,16 +57,17 @@ def batch_offsets(store_path, time_budget: float, hardware: str, iterations: int
     paired runs), so the typical batch sits at 0 and one odd sitting stands out. A retired batch gets
     its offset against every cell the batches in use measured, never shaping them.
     """
-    with Store(store_path, readonly=True) as store:
-        retired_prefixes = [p.lower() for p in store.retired_code()]
+    with Store(store_path, readonly=True) as store:  # retirement: the store's own rule (IN_USE)
         rows = store.conn.execute(
             "SELECT dataset_id, pipeline_id, COALESCE(code_version, '') || COALESCE('@' || NULLIF("
             "json_extract(hardware_info, '$.machine_instance'), ''), '') AS batch, COALESCE(alc, 0.0) AS alc, "
-            "COALESCE(finished_at, '') AS finished FROM runs WHERE status != ? AND time_budget = ? AND hardware = ?",
+            f"COALESCE(finished_at, '') AS finished, NOT ({IN_USE}) AS retired FROM runs "
+            "WHERE status != ? AND time_budget = ? AND hardware = ?",
             (HARNESS_ERROR, float(time_budget), hardware)).fetchall()
+    retired_batches = {r["batch"] for r in rows if r["retired"]}  # a batch is one code version: all or none
 
     def is_retired(batch: str) -> bool:
-        return any(batch.lower().startswith(prefix) for prefix in retired_prefixes)
+        return batch in retired_batches
 
     times: dict[str, list[str]] = defaultdict(list)
     in_cell: dict[tuple, set] = defaultdict(set)
@@ -131,9 +133,9 @@ def markdown_batches(offsets: list[BatchOffset], run_sd: float) -> str:
     lines = ["| batch (code version) | runs | recorded (UTC) | paired runs | offset | SE | verdict |",
              "|---|---|---|---|---|---|---|"]
     for o in offsets:
-        verdict = "retired" if o.retired else ("**suspect**" if o.suspect(run_sd) else "")
-        if o.retired and o.suspect(run_sd):
-            verdict = "retired (would be suspect)"
+        suspect = o.suspect(run_sd)
+        verdict = ("retired (would be suspect)" if suspect else "retired") if o.retired else \
+            ("**suspect**" if suspect else "")
         span = f"{o.first[:16]} - {o.last[:16]}" if o.first else "-"
         offset = f"{o.offset:+.4f}" if math.isfinite(o.offset) else "-"
         se = f"{o.se:.4f}" if math.isfinite(o.se) else "-"
