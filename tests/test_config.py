@@ -47,3 +47,11 @@ def test_measured_members_keep_their_stored_ids():
     assert PORTFOLIO["mnv2-top-f128"].pipeline_id() == "0d7c2fc733cd"
     assert PORTFOLIO["mnv2-top-f160"].pipeline_id() == "ead968364336"
     assert PORTFOLIO["lite0-top-f128"].pipeline_id() == "c7ed095a66ed"
+    # measured at stop 22 and retired: outside the portfolio, their ids and names on record
+    from meta_db.portfolio import TRIED, name_of, resolve_pipelines
+
+    assert TRIED["mnv2-full-ft"].pipeline_id() == "feebd12270ec"
+    assert TRIED["lite2-top-f128"].pipeline_id() == "8f7b83fec1a6"
+    assert not set(TRIED) & set(PORTFOLIO) and name_of("feebd12270ec") == "mnv2-full-ft"
+    assert "mnv2-full-ft" not in [name for name, _ in resolve_pipelines(["portfolio"])]
+    assert resolve_pipelines(["mnv2-full-ft"])[0][1] == TRIED["mnv2-full-ft"]

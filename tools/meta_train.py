@@ -567,7 +567,7 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
     same `seed` replaces the earlier one; a replicate needs its own `seed`.
     """
     from meta_db.metafeatures import hardware_profile
-    from meta_db.portfolio import PORTFOLIO
+    from meta_db.portfolio import known_members
     from meta_db.store import Store
     from tools.bench import load_results, row_key
     from tools.contention import BACKGROUND_LIMIT
@@ -581,7 +581,7 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
         latest[row_key(row)] = row
     imported = 0
     with Store(store_path) as store:
-        known = {config.pipeline_id(): (name, config) for name, config in PORTFOLIO.items()}
+        known = {config.pipeline_id(): (name, config) for name, config in known_members().items()}
         for pipeline_id, (name, config) in stored_pipelines(store).items():
             known.setdefault(pipeline_id, (name, config))
         for row in latest.values():
