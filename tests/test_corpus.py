@@ -17,7 +17,7 @@ from PIL import Image
 
 from autodl_core.arrays import load_corpus_npz
 from tools.cli import main as tools_main
-from tools.corpus.build import build_dataset, subsample_rows
+from tools.corpus.build import build_dataset, encode_image, subsample_rows
 from tools.corpus.git_tree import GitTree, find_git_dir
 from tools.corpus.layouts import LAYOUTS, pattern_regex
 from tools.corpus.recipes import load_recipes, parse_recipe
@@ -250,6 +250,27 @@ def test_a_file_absent_from_a_partial_snapshot_is_an_error(snapshot, tmp_path):
                      split={"kind": "random"})
     with pytest.raises(UserInputError, match="absent from the snapshot.*dog/d1/3.png"):
         _build(snapshot, tmp_path, recipe, mirrors=snapshot.partial)
+
+
+def test_grayscale_encoding_makes_every_mode_one_channel():
+    """A source whose file mode follows the class (RGB scans of one class, L of the others) must not
+    hand the label to the solver: with `grayscale` every image comes out L, whatever it went in as."""
+    def saved(mode, fmt):
+        out = io.BytesIO()
+        Image.new(mode, (5, 4), 90 if mode == "L" else (90, 90, 90)).save(out, format=fmt)
+        return out.getvalue()
+
+    for mode, fmt in (("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("L", "PNG")):
+        image, resized, made_jpeg = encode_image(saved(mode, fmt), {"grayscale": True})
+        with Image.open(io.BytesIO(image)) as pil:
+            assert (pil.mode, pil.format, pil.size) == ("L", fmt, (5, 4))
+        assert not resized and not made_jpeg  # re-encoded, yet counted as neither
+    rgb = saved("RGB", "PNG")
+    assert encode_image(rgb, {}) == (rgb, False, False)  # without it, bytes are kept as they are
+    with pytest.raises(UserInputError, match="grayscale"):
+        parse_recipe({"name": "x", "domain": "d", "source": {"repo": "github.com/a/b", "commit": "0" * 40},
+                      "license": "l", "layout": {"kind": "class_folders", "pattern": "{class}/*.png"},
+                      "encode": {"grayscale": "yes"}}, "x.json")
 
 
 def test_recipe_and_layout_mistakes_are_named(snapshot, tmp_path):

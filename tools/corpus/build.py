@@ -109,8 +109,12 @@ def encode_image(image, encode: dict):
     `max_side`: images larger on their longer side are shrunk (Lanczos, aspect kept), JPEG sources
     re-encoded as JPEG quality 95, others as PNG. `reencode: "jpeg"`: sources the kit cannot decode
     (TIFF, PPM, ...) become JPEG quality 95 instead of the lossless PNG `prepare_image` would make,
-    where PNG would multiply the size of photographic data."""
-    if not isinstance(image, (bytes, bytearray)) or not (encode.get("max_side") or encode.get("reencode")):
+    where PNG would multiply the size of photographic data. `grayscale: true`: every image becomes
+    one channel (L), whatever its file mode, so the mode cannot carry the label (one brain MRI source
+    saved nearly all tumour-free scans as RGB and the others as L, all of them grey in content); each
+    is re-encoded, not only the RGB ones, so no class alone carries a second compression."""
+    grayscale = bool(encode.get("grayscale"))
+    if not isinstance(image, (bytes, bytearray)) or not (encode.get("max_side") or encode.get("reencode") or grayscale):
         return image, False, False
     from PIL import Image
 
@@ -118,9 +122,9 @@ def encode_image(image, encode: dict):
         fmt, max_side = pil.format, encode.get("max_side")
         resize = bool(max_side) and max(pil.size) > max_side
         to_jpeg = encode.get("reencode") == "jpeg" and fmt not in ("JPEG", "PNG")
-        if not resize and not to_jpeg:
+        if not resize and not to_jpeg and not grayscale:  # all re-encoded alike: no class-wise artefacts
             return image, False, False
-        picture = pil.convert("L" if pil.mode in GRAY_MODES else "RGB")
+        picture = pil.convert("L" if grayscale or pil.mode in GRAY_MODES else "RGB")
     if resize:
         scale = max_side / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
@@ -199,6 +203,9 @@ def describe(recipe, data, y, is_test, sizes, channels, split_text, storage, npz
         notes.append(f"{resized} images larger than {recipe.encode['max_side']} px on their longer side were "
                      "shrunk (Lanczos, aspect kept), then stored as JPEG quality 95 (JPEG sources"
                      f"{' and, with reencode jpeg, the others' if recipe.encode.get('reencode') else ''}) or PNG.")
+    if recipe.encode.get("grayscale"):
+        notes.append("Every image converted to one grey channel (encode grayscale: the file modes differed by "
+                     "class), then stored as JPEG quality 95 (JPEG sources) or PNG.")
     if jpegs:
         notes.append(f"{jpegs} images in formats the kit cannot decode (e.g. TIFF) re-encoded as JPEG quality 95 "
                      "(lossy, near-transparent; PNG would have multiplied the size).")

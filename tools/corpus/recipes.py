@@ -29,7 +29,7 @@ class Recipe:
     layout: dict  # {"kind": <layouts.LAYOUTS key>, ...its parameters}
     split: dict = field(default_factory=lambda: {"kind": "source"})  # source | random | grouped (+ test_fraction, seed)
     subsample: dict | None = None  # {"max_images": N, "seed": S}
-    encode: dict = field(default_factory=dict)  # {"max_side": px}: shrink larger images (kept aspect)
+    encode: dict = field(default_factory=dict)  # {"max_side": px, "reencode": "jpeg", "grayscale": bool}
     notes: str = ""
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -67,8 +67,10 @@ def parse_recipe(raw: dict, where: str) -> Recipe:
     if split.get("kind") not in SPLIT_KINDS or not 0 < float(split.get("test_fraction", 0.2)) < 1:
         raise UserInputError(f"{where}: split needs kind in {SPLIT_KINDS} and 0 < test_fraction < 1, got {split}")
     encode = raw.get("encode", {})
-    if set(encode) - {"max_side", "reencode"} or encode.get("reencode", "jpeg") != "jpeg":
-        raise UserInputError(f"{where}: encode takes max_side (pixels) and reencode ('jpeg'), got {encode}")
+    if (set(encode) - {"max_side", "reencode", "grayscale"} or encode.get("reencode", "jpeg") != "jpeg"
+            or not isinstance(encode.get("grayscale", False), bool)):
+        raise UserInputError(f"{where}: encode takes max_side (pixels), reencode ('jpeg') and grayscale "
+                             f"(true/false), got {encode}")
     return Recipe(**{k: raw[k] for k in raw if k in known}, raw=raw)
 
 
