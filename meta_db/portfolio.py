@@ -70,7 +70,8 @@ TRIED: dict[str, PipelineConfig] = {
     # full fine-tuning (the whole network but its first 30% of blocks, on augmented images at the
     # working size from the data) after the same thumbnails and probe: the most of the network tuned
     # on a CPU. Official kit on all 26 families at stop 22: ahead only on PneumoniaMNIST (0.9104 and
-    # 0.9127 against f96's 0.8675 in the same sitting), behind on most; retired
+    # 0.9127 against f96's 0.8675 in the same sitting), behind on most; retired. Stop 23's three medical
+    # families (brain MRI, knee X-rays, RetinaMNIST): behind f96 on each, so the lead is one set's
     "mnv2-full-ft": PipelineConfig(strategy="finetune"),
 }
 

@@ -204,8 +204,8 @@ def describe(recipe, data, y, is_test, sizes, channels, split_text, storage, npz
                      "shrunk (Lanczos, aspect kept), then stored as JPEG quality 95 (JPEG sources"
                      f"{' and, with reencode jpeg, the others' if recipe.encode.get('reencode') else ''}) or PNG.")
     if recipe.encode.get("grayscale"):
-        notes.append("Every image converted to one grey channel (encode grayscale: the file modes differed by "
-                     "class), then stored as JPEG quality 95 (JPEG sources) or PNG.")
+        notes.append("Every image converted to one grey channel and re-encoded (encode grayscale): JPEG sources "
+                     "as JPEG quality 95, others as PNG.")
     if jpegs:
         notes.append(f"{jpegs} images in formats the kit cannot decode (e.g. TIFF) re-encoded as JPEG quality 95 "
                      "(lossy, near-transparent; PNG would have multiplied the size).")
