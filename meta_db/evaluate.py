@@ -129,7 +129,8 @@ class Noise:
 
 
 def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_K,
-                    method: str = DEFAULT_SELECTOR) -> str:
+                    method: str = DEFAULT_SELECTOR, scope: str = "") -> str:
+    """The LODO table with means and noise; `scope` (e.g. which machine's runs) joins the stratum line."""
     label = knowledge.label
     lines = ["# Leave-one-dataset-out evaluation of the selector",
              "",
@@ -137,7 +138,7 @@ def markdown_report(rows: list[LodoRow], knowledge: Knowledge, k: int = DEFAULT_
              f"{len(knowledge.dataset_ids)} datasets ({len(set(knowledge.families))} families), "
              f"{len(knowledge.pipeline_ids)} pipelines; selector {method}"
              f"{f' (k = {k})' if method == 'knn' else ''}. Each row: selector and best fixed pipeline "
-             "fitted without the dataset's family.",
+             f"fitted without the dataset's family.{' ' + scope if scope else ''}",
              "",
              "| dataset | selected | ALC | best fixed | ALC | oracle | ALC | default ALC | regret sel. "
              "| regret fixed | runs sel./fixed | noise SD |",
@@ -185,15 +186,19 @@ def batches_section(store_path, knowledge: Knowledge) -> str:
 
 
 def evaluate_store(store_path, time_budget: float | None = None, hardware: str | None = None, k: int = DEFAULT_K,
-                   out: str | Path | None = None, method: str = DEFAULT_SELECTOR) -> tuple[list[LodoRow], str]:
-    """LODO over one stratum of a store file; writes the markdown to `out` when given."""
+                   out: str | Path | None = None, method: str = DEFAULT_SELECTOR,
+                   machine_instance: str | None = None) -> tuple[list[LodoRow], str]:
+    """LODO over one stratum of a store file; writes the markdown to `out` when given.
+    `machine_instance`: only the runs of that machine (see `load_knowledge`)."""
     from autodl_core.config import PipelineConfig
     from meta_db.second_choice import gate, with_landmarks
     from meta_db.selector import load_knowledge
 
-    knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware)
+    knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware,
+                               machine_instance=machine_instance)
     rows = leave_one_dataset_out(knowledge, k=k, default_id=PipelineConfig().pipeline_id(), method=method)
-    text = markdown_report(rows, knowledge, k, method)
+    scope = f"Runs of machine instance {machine_instance} only." if machine_instance else ""
+    text = markdown_report(rows, knowledge, k, method, scope)
     if rows:  # the in-run second look (meta_db/second_choice.py), judged the same way
         landmarks = with_landmarks(knowledge, PipelineConfig().backbone)
         summary = gate(knowledge, landmarks, method, k).summary()

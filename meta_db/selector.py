@@ -229,14 +229,24 @@ def choose_stratum(strata: dict, device_kind: str, time_budget: float, cpu_count
 
 
 def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = None, hardware: str | None = None,
-                   device_kind: str | None = None, backbone_ok=None) -> Knowledge:
+                   device_kind: str | None = None, backbone_ok=None,
+                   machine_instance: str | None = None) -> Knowledge:
     """Read one stratum of the store. `time_budget`/`hardware` given: exactly that stratum; else chosen
-    by `choose_stratum` (device kind of this machine, budget nearest AUTODL_TIME_BUDGET or 1200 s)."""
+    by `choose_stratum` (device kind of this machine, budget nearest AUTODL_TIME_BUDGET or 1200 s).
+
+    `machine_instance` (a boot id prefix, as runs record it) keeps only that machine's runs: two
+    machines of one stratum key can score apart (an AMD EPYC and an Intel Xeon, both `cpu2`), so a
+    comparison of members measured on different machines is checked against one machine's view.
+    The selector in `Model.__init__` never passes it."""
+    instance_filter, params = "", [HARNESS_ERROR]
+    if machine_instance:
+        instance_filter = " AND json_extract(hardware_info, '$.machine_instance') LIKE ? || '%'"
+        params.append(machine_instance)
     with Store(store_path, readonly=True) as store:
         rows = store.conn.execute(
             "SELECT dataset_id, pipeline_id, time_budget, hardware, AVG(COALESCE(alc, 0.0)) AS alc, "
             "AVG(COALESCE(alc, 0.0) * COALESCE(alc, 0.0)) AS alc2, COUNT(*) AS n "
-            f"FROM runs WHERE status != ? AND {IN_USE} GROUP BY 1, 2, 3, 4", (HARNESS_ERROR,)).fetchall()
+            f"FROM runs WHERE status != ? AND {IN_USE}{instance_filter} GROUP BY 1, 2, 3, 4", params).fetchall()
         datasets = {d.dataset_id: d for d in store.datasets()}
         pipelines = store.pipelines()
         retired = store.retired_pipelines()  # dropped from the portfolio in use: never chosen

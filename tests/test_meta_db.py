@@ -226,6 +226,34 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
     assert len(sel.load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == 2
 
 
+def test_one_machine_view_keeps_only_that_instances_runs(tmp_path, capsys):
+    """Two machines of one stratum key can rank members apart; --machine-instance shows one machine's view."""
+    from tools.cli import main
+
+    path = tmp_path / "s.sqlite"
+    xeon, epyc = {"machine_instance": "0a1b2c3d"}, {"machine_instance": "9f8e7d6c"}
+    with Store(path) as store:
+        add_gray_and_color(store)
+        store.upsert_pipeline(B)
+        for dataset, a_xeon, a_epyc in (("gray", 0.95, 0.80), ("color", 0.96, 0.81)):
+            store.record_run(RunRecord(dataset, A.pipeline_id(), 300, "cpu2", "ok", alc=a_xeon, hardware_info=xeon))
+            store.record_run(RunRecord(dataset, A.pipeline_id(), 300, "cpu2", "ok", alc=a_epyc, seed=1,
+                                       hardware_info=epyc))
+            store.record_run(RunRecord(dataset, DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.85,
+                                       hardware_info=epyc))
+        store.record_run(RunRecord("gray", B.pipeline_id(), 300, "cpu2", "ok", alc=0.99))  # no instance recorded
+    mixed = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
+    one = sel.load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="9f8e")
+    a, default = mixed.pipeline_ids.index(A.pipeline_id()), mixed.pipeline_ids.index(DEFAULT.pipeline_id())
+    assert mixed.alc[0, a] > mixed.alc[0, default]  # mixed machines: A ahead on its Xeon runs
+    assert B.pipeline_id() in mixed.pipeline_ids and B.pipeline_id() not in one.pipeline_ids
+    a, default = one.pipeline_ids.index(A.pipeline_id()), one.pipeline_ids.index(DEFAULT.pipeline_id())
+    assert one.alc[:, a].tolist() == pytest.approx([0.81, 0.80]) and (one.alc[:, default] == 0.85).all()
+    assert main(["meta-train", "--evaluate", "--store", str(path), "--time-budget", "300", "--hardware", "cpu2",
+                 "--machine-instance", "9f8e7d6c"]) == 0
+    assert "Runs of machine instance 9f8e7d6c only." in capsys.readouterr().out
+
+
 def test_store_upgrades_a_version_1_file_keeping_its_runs(tmp_path):
     from meta_db.store import MIGRATIONS
 

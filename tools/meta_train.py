@@ -758,7 +758,7 @@ def _cli(args) -> int:
         from meta_db.evaluate import evaluate_store
 
         rows, text = evaluate_store(store_path, time_budget=args.time_budget, hardware=args.hardware, k=args.k,
-                                    out=args.report, method=args.selector)
+                                    out=args.report, method=args.selector, machine_instance=args.machine_instance)
         print(text)
         return 0 if rows else 3
     if args.drop_study:
@@ -871,6 +871,9 @@ def register(subparsers) -> None:
     parser.add_argument("--runner", default=DEFAULT_RUNNER, help=argparse.SUPPRESS)  # tests: a fake judge
     parser.add_argument("--code-version", help="--import-npz: the code version of rows that do not record one")
     parser.add_argument("--hardware", help="--evaluate: hardware stratum (default: as the selector chooses)")
+    parser.add_argument("--machine-instance", metavar="BOOT_ID",
+                        help="--evaluate: only the runs of this machine instance (a boot id prefix, as runs "
+                             "record it): members compared on one machine")
     parser.add_argument("--k", type=int, default=5, help="--evaluate: neighbours (default %(default)s)")
     parser.add_argument("--selector", choices=sorted(SELECTORS), default=DEFAULT_SELECTOR,
                         help="--evaluate, --lodo-stores: which selector (default %(default)s)")
