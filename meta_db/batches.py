@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meta_db.store import HARNESS_ERROR, IN_USE, Store
+from meta_db.store import HARNESS_ERROR, IN_USE, MACHINE_INSTANCE, Store
 
 MIN_PAIRED = 3  # fewer paired runs than this: no verdict
 SUSPECT_SE = 3.0  # an offset beyond this many standard errors (and beyond one run's noise) is flagged
@@ -60,7 +60,7 @@ def batch_offsets(store_path, time_budget: float, hardware: str, iterations: int
     with Store(store_path, readonly=True) as store:  # retirement: the store's own rule (IN_USE)
         rows = store.conn.execute(
             "SELECT dataset_id, pipeline_id, COALESCE(code_version, '') || COALESCE('@' || NULLIF("
-            "json_extract(hardware_info, '$.machine_instance'), ''), '') AS batch, COALESCE(alc, 0.0) AS alc, "
+            f"{MACHINE_INSTANCE}, ''), '') AS batch, COALESCE(alc, 0.0) AS alc, "
             f"COALESCE(finished_at, '') AS finished, NOT ({IN_USE}) AS retired FROM runs "
             "WHERE status != ? AND time_budget = ? AND hardware = ?",
             (HARNESS_ERROR, float(time_budget), hardware)).fetchall()

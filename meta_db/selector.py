@@ -39,7 +39,7 @@ import numpy as np
 from autodl_core.config import PipelineConfig
 from meta_db.metafeatures import current_device_kind, metadata_features, zero_shot_vector
 from meta_db.portfolio import portfolio_ids
-from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, IN_USE, Store
+from meta_db.store import DEFAULT_STORE_PATH, HARNESS_ERROR, IN_USE, MACHINE_INSTANCE, Store
 
 ENV_PIPELINE = "AUTODL_PIPELINE_JSON"
 ENV_STORE = "AUTODL_META_STORE"
@@ -239,9 +239,9 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
     comparison of members measured on different machines is checked against one machine's view.
     The selector in `Model.__init__` never passes it."""
     instance_filter, params = "", [HARNESS_ERROR]
-    if machine_instance:
-        instance_filter = " AND json_extract(hardware_info, '$.machine_instance') LIKE ? || '%'"
-        params.append(machine_instance)
+    if machine_instance:  # a prefix match without LIKE: no character of the id acts as a wildcard
+        instance_filter = f" AND instr({MACHINE_INSTANCE}, ?) = 1"
+        params.append(machine_instance.strip().lower())
     with Store(store_path, readonly=True) as store:
         rows = store.conn.execute(
             "SELECT dataset_id, pipeline_id, time_budget, hardware, AVG(COALESCE(alc, 0.0)) AS alc, "

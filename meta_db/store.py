@@ -43,6 +43,8 @@ HARNESS_ERROR = "harness_error"
 COMMIT_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a git commit or its prefix, as runs name their code version
 # SQL condition on `runs`: the run was not measured by a retired code version.
 IN_USE = "NOT EXISTS (SELECT 1 FROM retired_code rc WHERE runs.code_version LIKE rc.code_version || '%')"
+# SQL expression on `runs`: the machine instance (boot id) that measured the run, NULL where not recorded.
+MACHINE_INSTANCE = "json_extract(runs.hardware_info, '$.machine_instance')"
 
 # MIGRATIONS[v] upgrades a file at schema version v to v + 1.
 MIGRATIONS: dict[int, str] = {

@@ -249,6 +249,9 @@ def test_one_machine_view_keeps_only_that_instances_runs(tmp_path, capsys):
     assert B.pipeline_id() in mixed.pipeline_ids and B.pipeline_id() not in one.pipeline_ids
     a, default = one.pipeline_ids.index(A.pipeline_id()), one.pipeline_ids.index(DEFAULT.pipeline_id())
     assert one.alc[:, a].tolist() == pytest.approx([0.81, 0.80]) and (one.alc[:, default] == 0.85).all()
+    assert sel.load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="9F8E").pipeline_ids == \
+        one.pipeline_ids  # case does not matter
+    assert sel.load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="%").pipeline_ids == []
     assert main(["meta-train", "--evaluate", "--store", str(path), "--time-budget", "300", "--hardware", "cpu2",
                  "--machine-instance", "9f8e7d6c"]) == 0
     assert "Runs of machine instance 9f8e7d6c only." in capsys.readouterr().out
