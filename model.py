@@ -36,9 +36,9 @@ class Model:
 
     def __init__(self, metadata):
         from meta_db.second_choice import second_choice_for
-        from meta_db.selector import choice_log_line, select_pipeline
+        from meta_db.selector import choice_log_line, pipeline_for_run
 
-        self.config, self.selection_info = select_pipeline(metadata)
+        self.config, self.selection_info = pipeline_for_run(metadata)
         logging.getLogger("model").info(choice_log_line(self.config, self.selection_info))
         # After the probe, the store may change the fine-tuning settings given what the probe saw.
         self.solver = Solver(metadata, self.config, second_choice=second_choice_for(metadata, self.config))

@@ -38,8 +38,9 @@ class FeatureCaches:
             self.test_features = None
 
     def new(self, size, flip: bool = False) -> ActivationCache:
-        return ActivationCache(self.net.trunk, self.data.preprocess, size, batch_size=self.plan.feature_batch,
-                               flip=flip, cpu_bf16=self.net.cpu_bf16, store_device=self.feature_device())
+        return ActivationCache(self.net.trunk_runner, self.data.preprocess, size,
+                               batch_size=self.plan.feature_batch_for(size),
+                               flip=flip, store_device=self.feature_device())
 
     def flipped(self, split: str, size) -> ActivationCache:
         """The flipped-image cache of "val" or "test" at `size`, made on first use."""
@@ -55,5 +56,6 @@ class FeatureCaches:
 
     def pooled(self, cache: ActivationCache, positions: np.ndarray, deadline: float | None = None):
         """The top's pooled features of cached activations (None when they cannot end by the deadline)."""
-        return top_features(self.net.top, cache, positions, self.device, out_device=self.feature_device(),
+        return top_features(self.net.top_runner, cache, positions, self.device, out_device=self.feature_device(),
+                            batch_size=min(256, 4 * self.plan.feature_batch_for(cache.size)),
                             deadline=deadline)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 # What pipeline ids are measured against, for fields whose default has changed since the first store:
 # the old default. Changing a default must neither change the ids of stored pipelines nor hand the new
 # default the id of the old one (the store would then count the old default's runs as the new one's).
-ID_BASELINE = {"top_lr": 0.002, "first_chunk_seconds": 1.5}
+# The fields of the any-time steps as every pipeline measured before them ran them: one fine-tuning stage.
+SINGLE_STAGE = {"anytime_steps": False, "step_backbones": "", "max_step_side": 0, "group_validation": False}
+ID_BASELINE = {"top_lr": 0.002, "first_chunk_seconds": 1.5, **SINGLE_STAGE}
 
 
 # Fields read only once fine-tuning starts (autodl_core/stages/finetune.py, autodl_core/growth.py): a run
@@ -24,7 +26,7 @@ FINETUNE_FIELDS = frozenset({
     "finetune_resolution", "lr", "top_lr", "top_dropout", "batch_size", "weight_decay", "ema_decay",
     "label_smoothing", "augment_flip", "augment_shift", "slice_growth", "first_slice_seconds",
     "patience_slices", "max_epochs_without_val", "flip_tta", "resolution_growth", "max_resolution_growths",
-    "val_noise_z",
+    "val_noise_z", "step_backbones", "max_step_side", "group_validation",
 })
 
 
@@ -77,6 +79,18 @@ class PipelineConfig:
     val_fraction: float = 0.1
     val_max: int = 800
     memory_cap_gb: float = 4.0
+    # The any-time steps (CPU top mode; autodl_core/stages/steps.py): after the first probe, steps of
+    # growing strength, each started when the last one plateaus: a frozen probe of a backbone at the
+    # largest size the budget affords (up to `max_step_side` px, from the data's own size), its top
+    # fine-tuned where epochs fit, the `step_backbones` after `backbone`, larger sizes; the prediction is
+    # the validation-best ensemble across steps. Images are stored at the size the steps may use (within
+    # the memory cap) instead of `max_resolution`. Off: one fine-tuning stage at fixed sizes.
+    anytime_steps: bool = True
+    step_backbones: str = "efficientnet_lite0,efficientnet_lite2"  # comma-separated, tried in this order
+    max_step_side: int = 288
+    # Rebuild the validation split from whole near-duplicate clusters when held-out examples have
+    # near-duplicates on the training side far more often than test examples (autodl_core/validation.py).
+    group_validation: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -90,6 +104,23 @@ class PipelineConfig:
             raise ValueError(f"unknown pipeline fields: {sorted(unknown)}")
         return cls(**data)
 
+    @classmethod
+    def from_record(cls, data: dict) -> "PipelineConfig":
+        """A stored pipeline (the store, a benchmark's JSON): a field the record lacks was written before the
+        field existed, so it takes the value that meant what the run did then (ID_BASELINE), not today's
+        default (a pipeline measured as one fine-tuning stage stays one)."""
+        known = {f.name for f in fields(cls)}
+        filled = {k: v for k, v in ID_BASELINE.items() if k not in data and k in known}
+        return cls.from_dict({**filled, **data})
+
+    def as_steps(self) -> "PipelineConfig":
+        """This pipeline as the first step of the any-time steps (the store measured its members as single
+        stages; its choice sets the backbone and the first sizes, the steps go on from there)."""
+        if self.anytime_steps:
+            return self
+        defaults = PipelineConfig()
+        return replace(self, **{k: getattr(defaults, k) for k in SINGLE_STAGE})
+
     def resolved_strategy(self, device_type: str) -> str:
         """The strategy a run on `device_type` ("cuda" or "cpu") follows: "auto" resolved."""
         if self.strategy != "auto":
@@ -102,6 +133,16 @@ class PipelineConfig:
         settings = {k: v for k, v in self.to_dict().items() if k not in FINETUNE_FIELDS | {"extra"}}
         settings["strategy"] = self.resolved_strategy(device_type)
         return tuple(sorted((k, repr(v)) for k, v in settings.items()))
+
+    def uses_steps(self, device_type: str) -> bool:
+        """Whether a run on `device_type` goes through the any-time steps: CPU top mode (a GPU fine-tunes the
+        whole network as before: the steps are not measured there yet)."""
+        return self.anytime_steps and device_type == "cpu" and self.resolved_strategy(device_type) == "finetune_top"
+
+    def step_backbone_names(self) -> list[str]:
+        """The backbones the steps use, in order: the pipeline's own first."""
+        names = [self.backbone] + [b.strip() for b in self.step_backbones.split(",") if b.strip()]
+        return list(dict.fromkeys(names))
 
     def same_until_finetuning(self, other: "PipelineConfig", device_type: str) -> bool:
         """Whether a run of `self` on `device_type` can become a run of `other` at the end of its probe."""

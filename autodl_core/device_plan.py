@@ -16,12 +16,24 @@ import numpy as np
 import torch
 
 
+CPU_BATCH_PIXELS = 128 * 96 * 96  # a CPU frozen pass's batch: 128 images at 96 px, 23 at 224 px
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     device_type: str
     feature_batch: int  # frozen forward passes (probe features, trunk activations)
     predict_batch: int  # forward passes of the fine-tuned model (validation, test)
     images_on_device: bool  # keep the uint8 training/test arrays on the device
+
+    def feature_batch_for(self, size) -> int:
+        """Images per frozen pass at `size`: on a CPU, as many as CPU_BATCH_PIXELS allows (at most
+        `feature_batch`). Why: activation memory grows with batch x pixels; 120 images at 288 x 376 px
+        took 2.2 GB in OpenVINO and 10 GB in ONNX Runtime (and ran slower than 10 at a time). On a GPU one
+        fixed batch (every batch padded to it: cuDNN tunes per shape)."""
+        if self.device_type == "cuda":
+            return self.feature_batch
+        return int(np.clip(CPU_BATCH_PIXELS // max(1, size[0] * size[1]), 8, self.feature_batch))
 
     def probe_resolution(self, short_side: int) -> int:
         """Shorter side for the frozen probe (and, on a GPU, full fine-tuning): small images are

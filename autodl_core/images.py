@@ -27,11 +27,30 @@ class Preprocessor:
 
     def __call__(self, images, size: tuple[int, int]) -> torch.Tensor:
         """`images`: a numpy array or a torch tensor (on any device) of uint8 (N, H, W, C)."""
+        if self.device.type == "cpu" and self.pixel_max == 255.0:
+            x = self._resized_uint8(images, size)
+            x = to_three_channels(x.float().div_(255.0))
+            return self.normalize(x)
         x = self.unit_range(images)
         if tuple(x.shape[-2:]) != tuple(size):
             downscale = x.shape[-2] > size[0] or x.shape[-1] > size[1]
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=downscale)
         return self.normalize(x)
+
+    @staticmethod
+    def _resized_uint8(images, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> uint8 (N, C, h, w) resized, on the CPU.
+
+        Why in uint8: torch's bilinear (antialiased) resize of channels-last uint8 images has vectorised
+        kernels, 4-20x faster than the same resize in float32 (64 images 384 px -> 128 px: 7,300 vs 430
+        img/s on a 2-core EPYC), and with large storage sizes and a fast inference engine the float
+        resize was slower than the network itself. Values differ by at most one grey level."""
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        x = x.to("cpu").permute(0, 3, 1, 2)  # a channels-last view, no copy
+        if tuple(x.shape[-2:]) != tuple(size):
+            downscale = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=downscale)
+        return x
 
     def unit_range(self, images) -> torch.Tensor:
         """uint8 (N, H, W, C) -> float (N, 3, H, W) in [0, 1] on the device."""

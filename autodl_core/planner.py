@@ -21,6 +21,30 @@ SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingest
 MIN_STEP_SECONDS = 0.5  # a train call with less time than this left does no work (it could only overrun)
 
 
+class SideRate:
+    """Images/s as a function of the working size, from measurements at two or more square sides: a power
+    law in the side (the square root of the pixel count) between and beyond them, its exponent kept in
+    [1.5, 2.5] (2: cost per pixel; the top's training step at 64-128 px is dominated by fixed costs and
+    measured ~1, which extrapolated to 288 x 376 px predicted 75 img/s where 10 were measured)."""
+
+    def __init__(self, points: list[tuple[int, float]]):
+        points = sorted((int(s), float(r)) for s, r in points if r > 0)
+        self.points = points
+        if len(points) >= 2 and points[-1][0] > points[0][0]:
+            (s0, r0), (s1, r1) = points[0], points[-1]
+            self.exponent = float(np.clip(np.log(r0 / r1) / np.log(s1 / s0), 1.5, 2.5))
+        else:
+            self.exponent = 2.0
+
+    def images_per_s(self, size) -> float:
+        """At `size`: a working (h, w), or a square side."""
+        if not self.points:
+            return 1.0
+        side = float(np.sqrt(size[0] * size[1])) if isinstance(size, (tuple, list)) else float(size)
+        s0, r0 = self.points[-1] if side >= self.points[-1][0] else self.points[0]
+        return r0 * (s0 / max(1.0, side)) ** self.exponent
+
+
 def min_gain(best_score: float, cost_share: float) -> float:
     """Validation NAUC gain a checkpoint needs before it is worth predicting.
 
@@ -30,6 +54,13 @@ def min_gain(best_score: float, cost_share: float) -> float:
     """
     room = 1.0 - best_score if np.isfinite(best_score) else 1.0
     return min(0.001, 0.25 * max(room, 0.0)) + 0.02 * cost_share
+
+
+# The any-time steps (autodl_core/stages/steps.py): what a step may cost.
+PROBE_STEP_SHARE = 0.2  # a frozen probe's pass over every example: at most this share of the time left
+TUNE_STEP_SHARE = 0.5  # a fine-tuning step's time (its probe included) while stronger steps may follow
+TUNE_MIN_EPOCHS = 3.0  # a fine-tuning step must afford this many epochs in its time
+MIN_STEP_TIME = 20.0  # seconds a step needs at least (a fine-tuning step, or a probe whose pass is this short)
 
 
 class TimePlanner:
@@ -168,3 +199,27 @@ class TimePlanner:
             return None
         left = max(0.0, deadline - time.monotonic())
         return steps_done + max(1, int(0.8 * left / per_step))
+
+    # ------------------------------------------------------------------ the any-time steps
+    @staticmethod
+    def pass_seconds(n_images: int, size, rate: RateMeter) -> float:
+        """A frozen pass over `n_images` at `size` with a backbone whose measured rate is `rate`."""
+        return n_images / max(1.0, rate.images_per_s(size))
+
+    def probe_step_affordable(self, n_images: int, size, rate: RateMeter, deadline: float) -> bool:
+        """A frozen probe at `size`: its pass costs at most PROBE_STEP_SHARE of the time left."""
+        return self.pass_seconds(n_images, size, rate) <= PROBE_STEP_SHARE * max(0.0, deadline - time.monotonic())
+
+    def tune_step_seconds(self, n_images: int, n_fit: int, size, rate: RateMeter, train_rate: "SideRate",
+                          cached: bool, min_epochs: float = TUNE_MIN_EPOCHS) -> float:
+        """The least time a fine-tuning step at `size` needs: its pass (unless its activations are cached)
+        and `min_epochs` epochs of training steps."""
+        pass_s = 0.0 if cached else self.pass_seconds(n_images, size, rate)
+        return pass_s + min_epochs * n_fit / max(1.0, train_rate.images_per_s(size))
+
+    @staticmethod
+    def tune_step_until(deadline: float, last: bool) -> float:
+        """When a fine-tuning step hands over: TUNE_STEP_SHARE of the time left while stronger steps may
+        follow (at least MIN_STEP_TIME), the end of the run for the last one."""
+        left = max(0.0, deadline - time.monotonic())
+        return deadline if last else time.monotonic() + max(MIN_STEP_TIME, TUNE_STEP_SHARE * left)

@@ -62,17 +62,31 @@ class DataProfile:
         }
 
 
-def choose_storage_shape(profile: DataProfile, max_side: int, memory_cap_gb: float) -> tuple[int, int]:
+STORAGE_SHARE = 0.5  # of the memory cap, for the stored training images when the storage size is free to shrink
+MIN_STORAGE_SIDE = 64  # shrinking to fit memory stops here (fewer examples are kept instead)
+
+
+def choose_storage_shape(profile: DataProfile, max_side: int, memory_cap_gb: float,
+                         shrink_to_fit: bool = False) -> tuple[int, int]:
     """Cache shape: native size, or the median size for variable data, shrunk so the longer side <= max_side.
 
+    `shrink_to_fit`: also shrunk (down to MIN_STORAGE_SIDE on the shorter side) so that every training
+    example fits in STORAGE_SHARE of the memory cap: large sets of large images keep all their examples
+    at a smaller size rather than a share of them at full size.
     Also fixes how many examples fit under the memory cap (profile.max_cached_examples).
     """
     h, w = (profile.rows, profile.cols) if not profile.variable_size else profile.median_hw
     h, w = max(1, int(h)), max(1, int(w))
     scale = min(1.0, max_side / max(h, w))
+    channels = max(1, profile.channels)
+    if shrink_to_fit:
+        per_example = STORAGE_SHARE * memory_cap_gb * 1e9 / max(1, profile.n_train)
+        fit = (per_example / (h * w * channels)) ** 0.5
+        floor = min(1.0, MIN_STORAGE_SIDE / min(h, w))
+        scale = min(scale, max(fit, floor))
     h, w = max(8, int(round(h * scale))), max(8, int(round(w * scale)))
     if profile.variable_size:
         h, w = max(8, h // 4 * 4), max(8, w // 4 * 4)
-    bytes_per = h * w * max(1, profile.channels)
+    bytes_per = h * w * channels
     profile.max_cached_examples = int(max(1000, memory_cap_gb * 1e9 // bytes_per))
     return h, w

@@ -65,6 +65,15 @@ class RunContext:
     done_training: bool = False
     best_val_score: float = -np.inf  # the validation score of what was last predicted
 
+    def use_backbone(self, net: Backbone):
+        """Frozen passes from now on through `net` (the any-time steps move between backbones): its caches
+        start empty, the planner plans with its measured rate, and a predictor that needed the old
+        caches is dropped (its prediction, if made, is in the candidate pool)."""
+        self.net = net
+        self.caches = FeatureCaches(net, self.data, self.plan, self.device)
+        self.planner.rate = net.rate
+        self.predictions.drop_predictor()
+
     @property
     def top_mode(self) -> bool:
         return self.net.strategy == "finetune_top"

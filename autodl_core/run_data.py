@@ -46,8 +46,12 @@ class RunData:
     def open_train(self, dataset, read_train: bool = True):
         peek = readers.peek(dataset, deadline=time.monotonic() + PEEK_SECONDS)
         self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
-        self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
-                                                       self.config.memory_cap_gb)
+        steps = self.config.uses_steps(self.device.type)
+        # The any-time steps may look at the images up to max_step_side on the shorter side: stored that
+        # large (a 4:3 photo's longer side 4/3 of it), within the memory cap.
+        max_side = int(round(self.config.max_step_side * 4 / 3)) if steps else self.config.max_resolution
+        self.profile.storage_hw = choose_storage_shape(self.profile, max_side, self.config.memory_cap_gb,
+                                                       shrink_to_fit=steps)
         self.value_offset, self.value_scale = readers.value_transform(peek.value_min, peek.value_max)
         self.preprocess = Preprocessor(self.mean, self.std, pixel_max=255.0, device=self.device)
         if read_train:
@@ -111,15 +115,18 @@ class RunData:
             return True
         return bool((self.profile.class_prior > 0).all())
 
+    def set_val_mask(self, mask: np.ndarray):
+        """A validation split chosen otherwise (autodl_core/validation.py), for the examples read so far;
+        examples read later go to training."""
+        self._val_override = np.asarray(mask, bool).copy()
+        self.is_val = self.val_mask(self.n_read)
+
     def val_mask(self, n: int) -> np.ndarray:
         """Held-out examples chosen by a fixed hash of the read position: stable as more data arrives."""
-        cfg = self.config
-        positions = np.arange(n)
-        chosen = (positions * 2654435761 % 1000) < cfg.val_fraction * 1000
-        if n < 100:
-            chosen[:] = False
-        chosen &= np.cumsum(chosen) <= cfg.val_max
-        return chosen
+        override = getattr(self, "_val_override", None)
+        if override is not None:
+            return np.concatenate([override[:n], np.zeros(max(0, n - len(override)), bool)])
+        return random_val_mask(n, self.config.val_fraction, self.config.val_max)
 
     def val_labels(self) -> np.ndarray:
         return self.train_y[np.flatnonzero(self.is_val)]
@@ -199,3 +206,14 @@ class RunData:
         if probs.shape != (n_test, self.n_classes):
             raise ValueError(f"predictions of shape {probs.shape}, expected {(n_test, self.n_classes)}")
         return probs
+
+
+def random_val_mask(n: int, fraction: float, most: int) -> np.ndarray:
+    """The random validation split of the first n examples read: a fixed hash of the read position (so
+    it only grows as more is read), `fraction` of them, at most `most`; none under 100 examples."""
+    positions = np.arange(n)
+    chosen = (positions * 2654435761 % 1000) < fraction * 1000
+    if n < 100:
+        chosen[:] = False
+    chosen &= np.cumsum(chosen) <= most
+    return chosen

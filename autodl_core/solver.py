@@ -27,8 +27,9 @@ from autodl_core.ensemble import CandidatePool
 from autodl_core.planner import MIN_STEP_SECONDS, SAFETY_SECONDS, TimePlanner, min_gain  # noqa: F401 (re-exported)
 from autodl_core.run_context import RunContext, score
 from autodl_core.run_data import RunData
-from autodl_core.stages import FinetuneStage, ProbeStage, ThumbnailStage
-from autodl_core.warmup import prepare_backbone
+from autodl_core.stages import FinetuneStage, ProbeStage, StepsStage, ThumbnailStage
+from autodl_core.threads import ThreadGovernor
+from autodl_core.warmup import Backbone, prepare_backbone
 
 log = logging.getLogger("autodl_core.solver")
 
@@ -43,17 +44,31 @@ class Solver:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         plan = plan or plan_for(device)
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.governor = ThreadGovernor()  # threads from the load other processes put on the machine
+        self.governor.reading()
         net = prepare_backbone(config, metadata, device, plan)  # before the clock starts: the kit does not time it
+        self.nets = {net.name: net}
+        if config.uses_steps(device.type):
+            self.nets.update(_step_backbones(config, metadata, device, plan))
         planner = TimePlanner(net.rate)
         data = RunData(metadata, config, device, planner, net.mean, net.std, plan)
         self.ctx = RunContext(config, metadata, device, plan, net, planner, data, FeatureCaches(net, data, plan, device),
-                              CandidatePool(score, max_checkpoints=config.ensemble_checkpoints))
+                              CandidatePool(score, max_checkpoints=config.ensemble_checkpoints,
+                                            single_noise_z=config.val_noise_z if config.uses_steps(device.type)
+                                            else None))
         self.thumbnails = ThumbnailStage(self.ctx)
         self.probe = ProbeStage(self.ctx, self.thumbnails)
-        self.finetune = FinetuneStage(self.ctx, self.thumbnails, self.probe)
-        self.stages = {stage.name: stage for stage in (self.thumbnails, self.probe, self.finetune)}
+        if config.uses_steps(device.type):
+            self.steps: StepsStage | None = StepsStage(self.ctx, self.thumbnails, self.probe, self.nets)
+            last = self.steps
+        else:
+            self.steps, self._finetune = None, FinetuneStage(self.ctx, self.thumbnails, self.probe)
+            last = self._finetune
+        self.stages = {stage.name: stage for stage in (self.thumbnails, self.probe, last)}
         self.stage = "thumbnails"
         self.calls = self.test_calls = 0
+        if device.type == "cpu":
+            self._follow_load(trust_one=True)  # the warm-up's seconds are one long reading
         self.second_choice = second_choice
 
     # ------------------------------------------------------------------ what callers read
@@ -73,6 +88,11 @@ class Solver:
     def strategy(self) -> str:
         return self.ctx.net.strategy
 
+    @property
+    def finetune(self) -> FinetuneStage | None:
+        """The fine-tuning stage, or within the any-time steps the latest fine-tuning step (None before one)."""
+        return self.steps.tune if self.steps is not None else self._finetune
+
     # ------------------------------------------------------------------ kit API
     def train(self, dataset, remaining_time_budget: float) -> None:
         ctx, started = self.ctx, time.monotonic()
@@ -82,6 +102,8 @@ class Solver:
         if self.calls == 1:
             ctx.planner.clock_start = started
         try:
+            if ctx.device.type == "cpu":
+                self._follow_load()
             if deadline - time.monotonic() < MIN_STEP_SECONDS:
                 # Not even a first look at the data: a budget below the safety margin (T = 2 s) or the end
                 # of the run. test() still returns predictions of the right shape.
@@ -137,6 +159,15 @@ class Solver:
         if stage is self.probe and self.stage == "finetune" and self.second_choice is not None:
             self._second_look()
 
+    def _follow_load(self, trust_one: bool = False):
+        """Compute with the cores other processes leave (autodl_core/threads.py): torch and the engines."""
+        threads = self.governor.update(trust_one=trust_one)
+        if threads is None:
+            return
+        torch.set_num_threads(threads)
+        for net in self.nets.values():
+            net.set_threads(threads)
+
     def _second_look(self):
         """Once, between the probe and fine-tuning: the caller (model.py: the meta-knowledge store) may
         exchange the fine-tuning stage's settings for others, given what the probe has seen. Fine-tuning
@@ -155,8 +186,12 @@ class Solver:
             log.warning("second look proposed %s, which differs before fine-tuning: ignored", config.pipeline_id())
             return
         self.ctx.config = config
-        self.finetune = FinetuneStage(self.ctx, self.thumbnails, self.probe)
-        self.stages["finetune"] = self.finetune
+        if self.steps is not None:
+            self.steps = StepsStage(self.ctx, self.thumbnails, self.probe, self.nets)
+            self.stages["finetune"] = self.steps
+        else:
+            self._finetune = FinetuneStage(self.ctx, self.thumbnails, self.probe)
+            self.stages["finetune"] = self._finetune
 
     def _fallback_after_error(self):
         """After an internal error, stop the stage that failed; the next test returns the last good predictions."""
@@ -171,20 +206,40 @@ class Solver:
     # ------------------------------------------------------------------ reports
     def stats(self) -> dict:
         """What this run measured, for reports: device, strategy, sizes, step counts and rates."""
-        ctx, tuner = self.ctx, self.finetune.tuner
+        ctx = self.ctx
+        finetune = self.finetune
+        tuner = finetune.tuner if finetune is not None else None
         per_step = tuner.seconds_per_step if tuner is not None else None
         return {
             "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "pipeline_id": ctx.config.pipeline_id(), "pipeline": ctx.config.to_dict(),
             "strategy": ctx.net.strategy, "stage": self.stage,
             "probe_size": list(self.probe.size or ()),
-            "finetune_size": list(self.finetune.size or ()),
+            "finetune_size": list((finetune.size if finetune is not None else None) or ()),
             "feature_images_per_s": round(ctx.planner.feature_rate(self.probe.size or (64, 64)), 1),
             "warmup_rates": [(int(r), round(v, 1)) for r, v in ctx.net.warmup_rates],
             "train_batch": tuner.batch_size if tuner is not None else None,
             "train_steps": tuner.steps if tuner is not None else 0,
             "train_seconds_per_step": round(per_step, 5) if per_step else None,
             "train_images_per_s": round(tuner.batch_size / per_step, 1) if per_step else None,
-            "flip_tta": self.finetune.tta.on if tuner is not None else None,
+            "flip_tta": finetune.tta.on if tuner is not None else None,
             "n_train_read": ctx.data.n_read,
+            "threads": self.governor.threads,
+            "engines": {name: net.engines() for name, net in self.nets.items()},
+            "storage_hw": list(ctx.data.profile.storage_hw) if ctx.data.profile else [],
+            "steps": list(self.steps.history) if self.steps is not None else [],
+            "validation": (self.steps.split_report.line() if self.steps is not None and self.steps.split_report
+                           else None),
         }
+
+
+def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan) -> dict[str, Backbone]:
+    """The other backbones the any-time steps may use, built and measured before the clock starts; one that
+    cannot be loaded (weights not installed) is left out, saying why."""
+    nets = {}
+    for name in config.step_backbone_names()[1:]:
+        try:
+            nets[name] = prepare_backbone(config, metadata, device, plan, name=name)
+        except Exception as exc:  # missing weight package, unknown name: the steps go on without it
+            log.warning("step backbone %s left out: %s", name, exc)
+    return nets

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from autodl_core.engines import Runner
 from autodl_core.images import Preprocessor
-from autodl_core.learner import RateMeter, inference_autocast
+from autodl_core.learner import RateMeter
 
 
 class Top(nn.Module):
@@ -58,14 +59,14 @@ def split_backbone(backbone: nn.Module, trunk_blocks: int) -> tuple[Trunk, Top]:
 class ActivationCache:
     """fp16 trunk activations of the examples of one split, filled on demand, by position.
 
+    `runner` computes them (autodl_core/engines.py: torch, or the faster engine the warm-up chose).
     With flip=True it holds the activations of the horizontally flipped images (flip TTA).
     """
 
-    def __init__(self, trunk: nn.Module, preprocess: Preprocessor, size, rate: RateMeter | None = None,
-                 batch_size: int = 128, flip: bool = False, cpu_bf16: bool = False,
-                 store_device: str | torch.device = "cpu"):
-        self.trunk, self.preprocess, self.size, self.rate = trunk, preprocess, tuple(size), rate
-        self.flip, self.cpu_bf16 = flip, cpu_bf16
+    def __init__(self, runner: Runner, preprocess: Preprocessor, size, rate: RateMeter | None = None,
+                 batch_size: int = 128, flip: bool = False, store_device: str | torch.device = "cpu"):
+        self.runner, self.preprocess, self.size, self.rate = runner, preprocess, tuple(size), rate
+        self.flip = flip
         self.batch_size = batch_size
         # On a GPU the cache stays there (pooled features when the "trunk" is the whole backbone).
         self.store_device = torch.device(store_device)
@@ -106,7 +107,6 @@ class ActivationCache:
         done = 0
         on_device = isinstance(images, torch.Tensor)
         pad = self.preprocess.device.type == "cuda"
-        self.trunk.eval()
         last = 0.0  # seconds of the previous batch: a batch that would end past the deadline is not begun
         start = 0
         with torch.inference_mode():
@@ -123,9 +123,7 @@ class ActivationCache:
                 n = x.shape[0]
                 if pad and n < self.batch_size:
                     x = torch.cat([x, x[:1].expand(self.batch_size - n, *x.shape[1:])])
-                with inference_autocast(self.preprocess.device, self.cpu_bf16):
-                    out = self.trunk(x)[:n]
-                out = out.float().to(self.store_device).to(torch.float16)
+                out = self.runner(x)[:n].to(self.store_device).to(torch.float16)
                 self._grow(len(images), out.shape[1:])
                 self.store[torch.from_numpy(idx).to(self.store_device)] = out
                 self.has[idx] = True
@@ -149,15 +147,13 @@ class ActivationCache:
         return int(np.prod(self.store.shape[1:])) * 2
 
 
-def top_features(top: nn.Module, cache: ActivationCache, positions: np.ndarray, device,
+def top_features(runner: Runner, cache: ActivationCache, positions: np.ndarray, device,
                  batch_size: int = 256, out_device: str | torch.device = "cpu",
                  deadline: float | None = None) -> torch.Tensor | None:
-    """Pooled features of the (frozen, eval-mode) top over cached activations (in the cache's precision),
-    gathered on `out_device` (the GPU keeps them there for the probe's head). None when the deadline
-    would pass first (no batch is begun that would end past it, at the last batch's speed): the top
+    """Pooled features of the frozen top (its `runner`) over cached activations, gathered on
+    `out_device` (the GPU keeps them there for the probe's head). None when the deadline would pass first (no batch is begun that would end past it, at the last batch's speed): the top
     over 10,000 cached cifar10 activations took seconds, and a test call whose trunk activations were
     done just in time ended > 6 s past its deadline."""
-    top.eval()  # the shared frozen top stays in eval mode (restoring train() would flip its BN layers)
     outs = []
     last = 0.0
     with torch.inference_mode():
@@ -166,7 +162,6 @@ def top_features(top: nn.Module, cache: ActivationCache, positions: np.ndarray, 
                 return None
             began = time.monotonic()
             x = cache.get(positions[start:start + batch_size], device)
-            with inference_autocast(torch.device(device), cache.cpu_bf16):
-                outs.append(top(x).float().to(out_device))
+            outs.append(runner(x).float().to(out_device))
             last = time.monotonic() - began
     return torch.cat(outs) if outs else torch.zeros(0, device=out_device)

@@ -18,8 +18,10 @@ import torch.nn as nn
 
 from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan
+from autodl_core.engines import EngineChoice, TorchRunner, choose_runner, images_per_s
 from autodl_core.images import Preprocessor, working_size
 from autodl_core.learner import Classifier, FineTuner, RateMeter, inference_autocast
+from autodl_core.planner import SideRate
 from autodl_core.trunk import split_backbone
 
 log = logging.getLogger("autodl_core.warmup")
@@ -39,13 +41,47 @@ class Backbone:
     cpu_bf16: bool = False
     warmup_rates: list = field(default_factory=list)  # (resolution, images/s)
     warm_step_seconds: float | None = None  # a full fine-tuning step at the expected size and batch (GPU)
+    # How frozen passes of the trunk and of the frozen top run (autodl_core/engines.py): torch, or the
+    # faster inference engine the warm-up measured and checked.
+    trunk_engine: EngineChoice | None = None
+    top_engine: EngineChoice | None = None
+    name: str = ""
+    # Images/s of a training step of the top (CPU recipe, batch 32) by working side, measured at two sides:
+    # per pixel it is faster at larger sides (MobileNetV2: 528 img/s at 64 px, 88 at 224, not 44).
+    train_rate: "SideRate | None" = None
+
+    @property
+    def trunk_runner(self):
+        return self.trunk_engine.runner if self.trunk_engine else TorchRunner(self.trunk, "cpu", self.cpu_bf16)
+
+    @property
+    def top_runner(self):
+        return self.top_engine.runner if self.top_engine else TorchRunner(self.top, "cpu", self.cpu_bf16)
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled frozen features of a preprocessed batch: the trunk's runner, then the top's."""
+        return self.top_runner(self.trunk_runner(x))
+
+    def engines(self) -> dict:
+        """{"trunk": engine, "top": engine} for reports."""
+        return {part: (choice.name if choice else "torch") for part, choice in
+                (("trunk", self.trunk_engine), ("top", self.top_engine))}
+
+    def set_threads(self, threads: int) -> None:
+        """The engines' thread count (torch's own is process-wide): the run's load may change it."""
+        for choice in (self.trunk_engine, self.top_engine):
+            if choice is not None:
+                choice.runner.set_threads(threads)
 
 
-def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan) -> Backbone:
+def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan,
+                     name: str | None = None) -> Backbone:
+    """The backbone `name` (default: the pipeline's) built, split, warmed up and measured."""
     from pretrained import create_backbone, get_spec
 
-    spec = get_spec(config.backbone)
-    network = create_backbone(config.backbone, pretrained=True, num_classes=0)
+    name = name or config.backbone
+    spec = get_spec(name)
+    network = create_backbone(name, pretrained=True, num_classes=0)
     network.to(device).eval()
     network = network.to(memory_format=torch.channels_last)
     strategy = config.resolved_strategy(device.type)
@@ -54,28 +90,92 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
         trunk, top = network, nn.Identity()
     else:
         trunk, top = split_backbone(network, config.trunk_blocks)
-    net = Backbone(network, trunk, top, int(network.num_features), spec.mean, spec.std, strategy, RateMeter(1.0))
+    net = Backbone(network, trunk, top, int(network.num_features), spec.mean, spec.std, strategy, RateMeter(1.0),
+                   name=name)
     if device.type == "cuda":
         _warm_up_gpu(net, config, metadata, device, plan)
     else:
         _warm_up_cpu(net, config, metadata, device)
-    log.info("backbone %s ready on %s; warm-up throughput %s", config.backbone, device, net.warmup_rates)
+    log.info("backbone %s ready on %s; warm-up throughput %s", name, device, net.warmup_rates)
     return net
 
 
 def _warm_up_cpu(net: Backbone, config: PipelineConfig, metadata, device: torch.device):
-    """First calls of oneDNN kernels are slow; also measure throughput (and choose bf16)."""
+    """First calls of oneDNN kernels are slow; choose torch's precision (bf16 where measured faster),
+    then the engine of each frozen part (autodl_core/engines.py), and measure the throughput the
+    planner starts from with what was chosen."""
     rows, cols = metadata.get_matrix_size(0)
     guess = 64 if rows <= 0 or cols <= 0 else min(config.max_resolution, max(32, min(rows, cols)))
-    net.cpu_bf16, rate_64 = _choose_cpu_bf16(net, device)
+    net.cpu_bf16, _ = _choose_cpu_bf16(net, device)
+    net.trunk_engine, net.top_engine = _frozen_engines(net, config, device, guess)
     for res in sorted({guess, 64}):
-        if res == 64 and rate_64 is not None:  # measured in the precision just chosen
-            rate = rate_64
-        else:
-            x = torch.randn(64, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
-            rate = _forward_rate(net, x, device, net.cpu_bf16)
+        x = torch.randn(64, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
+        rate = images_per_s(net.frozen_features, x, repeats=1)
         net.warmup_rates.append((res, rate))
     net.rate = RateMeter(rate * res * res)
+    if net.strategy == "finetune_top" and config.uses_steps(device.type):
+        key = (net.name, config.trunk_blocks, torch.get_num_threads())
+        if key not in _TRAIN_RATE_CACHE:
+            _TRAIN_RATE_CACHE[key] = _top_train_rate(net, device)
+        net.train_rate = _TRAIN_RATE_CACHE[key]
+
+
+# The top's training rate measured in this process, by (backbone, split, threads): a property of the
+# machine and the network, measured once (a few seconds per backbone) rather than by every Solver.
+_TRAIN_RATE_CACHE: dict[tuple, "SideRate"] = {}
+
+
+def _top_train_rate(net: Backbone, device: torch.device) -> SideRate:
+    """Images/s of the top's training step (batch 32, on activations as the cache holds them) at 96 and
+    160 px: the steps' planner sizes its epochs from it. (Below ~96 px fixed costs dominate a step: the
+    rate at 64 and 128 px would extrapolate to large sizes 5x too fast.)"""
+    model = Classifier(copy.deepcopy(net.top), net.n_features, 10)
+    tuner = FineTuner(model, Preprocessor(net.mean, net.std, device=device), False, batch_size=32,
+                      freeze_fraction=0.0, freeze_bn=True)
+    labels = np.eye(10, dtype=np.float32)[np.arange(64) % 10]
+    points = []
+    for side in (96, 160):
+        with torch.inference_mode():
+            activations = net.trunk_runner(torch.randn(64, 3, side, side, device=device)).clone()
+
+        def batch(idx, activations=activations):
+            return activations[idx].contiguous(memory_format=torch.channels_last)
+
+        tuner.train_until(batch, labels, np.arange(64), deadline=time.monotonic() + 5, max_steps=1)
+        started, steps = time.monotonic(), tuner.steps
+        tuner.train_until(batch, labels, np.arange(64), deadline=time.monotonic() + 5, max_steps=2)
+        points.append((side, 32 * (tuner.steps - steps) / max(1e-6, time.monotonic() - started)))
+    return SideRate(points)
+
+
+# Engines chosen in this process, by (backbone, split, threads, forced engine): the pretrained frozen parts
+# are the same network whichever run builds them, so a second Solver reuses the export and the measurement.
+_ENGINE_CACHE: dict[tuple, tuple[EngineChoice, EngineChoice]] = {}
+
+
+def _frozen_engines(net: Backbone, config: PipelineConfig, device: torch.device,
+                    guess: int) -> tuple[EngineChoice, EngineChoice]:
+    split = config.trunk_blocks if net.strategy != "finetune" else "whole"
+    key = (net.name, split, torch.get_num_threads(), os.environ.get("AUTODL_ENGINE", "auto"),
+           os.environ.get("AUTODL_WEIGHTS_DIR", ""), net.cpu_bf16)
+    if key in _ENGINE_CACHE:
+        for choice in _ENGINE_CACHE[key]:  # an earlier run of this process may have changed its threads
+            if getattr(choice.runner, "threads", None) not in (None, torch.get_num_threads()):
+                choice.runner.set_threads(torch.get_num_threads())
+        return _ENGINE_CACHE[key]
+    example = torch.randn(8, 3, 64, 64, device=device)
+    timing = torch.randn(32, 3, max(64, guess), max(64, guess), device=device)
+    trunk = choose_runner(net.trunk, example, device, net.cpu_bf16, label=f"{net.name} trunk",
+                          timing_input=timing)
+    if isinstance(net.top, nn.Identity):
+        top = EngineChoice(TorchRunner(net.top, device))
+    else:
+        with torch.inference_mode():
+            top_example, top_timing = net.trunk(example).clone(), net.trunk(timing).clone()
+        top = choose_runner(net.top, top_example, device, net.cpu_bf16, label=f"{net.name} top",
+                            timing_input=top_timing)
+    _ENGINE_CACHE[key] = (trunk, top)
+    return trunk, top
 
 
 def expected_storage_hw(metadata, max_resolution: int) -> tuple[int, int]:
@@ -108,6 +208,8 @@ def _warm_up_gpu(net: Backbone, config: PipelineConfig, metadata, device: torch.
             net.network(x)
         torch.cuda.synchronize(device)
     rate = 3 * batch / max(1e-6, time.monotonic() - started)
+    net.trunk_engine = EngineChoice(TorchRunner(net.trunk, device))
+    net.top_engine = EngineChoice(TorchRunner(net.top, device))
     net.warmup_rates.append((min(size), rate))
     net.rate = RateMeter(rate * size[0] * size[1])
     if net.strategy != "finetune":

@@ -265,7 +265,7 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         if pipeline_id in retired:
             continue
         try:
-            config = PipelineConfig.from_dict(raw)
+            config = PipelineConfig.from_record(raw)
         except (TypeError, ValueError):
             continue  # written by another code version: cannot be run by this one
         if backbone_ok is not None and not backbone_ok(config.backbone):
@@ -705,3 +705,13 @@ def select_pipeline(metadata, store: str | os.PathLike | None = None) -> tuple[P
         return PipelineConfig(), f"default pipeline ({reason})"
     knowledge = selector.knowledge
     return knowledge.configs[pipeline_id], f"{reason} [T={knowledge.time_budget:g}s, {knowledge.hardware}]"
+
+
+def pipeline_for_run(metadata, store: str | os.PathLike | None = None) -> tuple[PipelineConfig, str]:
+    """What model.py runs: `select_pipeline`'s answer, where the store chose it, as the first step of the
+    any-time steps (the shipped store measured its members as single stages, before the steps; its choice
+    sets the backbone and the first sizes, the steps go on from there). A forced pipeline runs as given."""
+    config, reason = select_pipeline(metadata, store)
+    if os.environ.get(ENV_PIPELINE) or config.anytime_steps:
+        return config, reason
+    return config.as_steps(), f"{reason}; {config.pipeline_id()} as the first of the any-time steps"

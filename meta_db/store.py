@@ -325,7 +325,7 @@ class Store:
 
     def get_pipeline(self, pipeline_id: str) -> PipelineConfig | None:
         row = self.conn.execute("SELECT config FROM pipelines WHERE pipeline_id = ?", (pipeline_id,)).fetchone()
-        return None if row is None else PipelineConfig.from_dict(json.loads(row["config"]))
+        return None if row is None else PipelineConfig.from_record(json.loads(row["config"]))
 
     def pipelines(self) -> list[tuple[str, str | None, dict]]:
         """(pipeline_id, name, raw config dict): raw, so a record this code cannot parse is still listed."""

@@ -165,15 +165,14 @@ def test_call_deadline_keeps_the_kits_own_time_between_calls():
 
 
 def test_top_features_give_up_rather_than_end_past_the_deadline():
+    from autodl_core.engines import TorchRunner
     from autodl_core.trunk import top_features
 
     class Cache:  # what top_features reads of an ActivationCache
-        cpu_bf16 = False
-
         def get(self, positions, device):
             return torch.ones(len(positions), 4)
 
-    top = torch.nn.Identity()
+    top = TorchRunner(torch.nn.Identity(), "cpu")
     assert top_features(top, Cache(), np.arange(10), "cpu", batch_size=4).shape == (10, 4)
     assert top_features(top, Cache(), np.arange(10), "cpu", batch_size=4, deadline=0.0) is None  # long past
 

@@ -8,7 +8,7 @@ import pytest
 from autodl_core.config import PipelineConfig
 from meta_db import second_choice as sc
 from meta_db.metafeatures import zero_shot_vector
-from meta_db.portfolio import PORTFOLIO
+from meta_db.portfolio import PORTFOLIO, single_stage
 from meta_db.selector import load_knowledge
 from meta_db.store import DatasetRecord, RunRecord, Store
 
@@ -23,7 +23,10 @@ def test_the_fine_tuning_settings_are_what_a_run_can_still_change():
     assert not DEFAULT.same_until_finetuning(F96, "cuda")  # on a GPU "auto" is full fine-tuning
     assert not DEFAULT.same_until_finetuning(R96, "cpu")  # the probe itself runs at another size
     assert not DEFAULT.same_until_finetuning(PipelineConfig(backbone="efficientnet_lite0"), "cpu")
-    assert DEFAULT.same_until_finetuning(PipelineConfig(top_lr=0.032, patience_slices=2), "cpu")
+    assert DEFAULT.same_until_finetuning(single_stage(top_lr=0.032, patience_slices=2), "cpu")
+    # the any-time steps store the images larger from the first read: a run cannot switch into or out of them
+    assert not DEFAULT.same_until_finetuning(PipelineConfig(top_lr=0.032), "cpu")
+    assert PipelineConfig().same_until_finetuning(PipelineConfig(top_lr=0.032, max_step_side=224), "cpu")
 
 
 def _landmark_store(path, signal: bool, n: int = 12):

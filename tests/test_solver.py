@@ -17,7 +17,7 @@ import torch._dynamo  # noqa: E402,F401  (triton before TensorFlow)
 tf = pytest.importorskip("tensorflow")
 pretrained = pytest.importorskip("pretrained")
 
-from autodl_core.config import PipelineConfig  # noqa: E402
+from autodl_core.config import SINGLE_STAGE, PipelineConfig  # noqa: E402
 from autodl_core.metrics import nauc  # noqa: E402
 from autodl_core.solver import Solver  # noqa: E402
 
@@ -185,7 +185,7 @@ def test_internal_error_degrades_to_right_shape(monkeypatch):
 def test_resolution_growth_and_flip_tta_keep_valid_predictions():
     """After fine-tuning: a larger resolution from the best weights, flip TTA, the older checkpoint kept."""
     x_tr, y_tr, x_te, y_te = digits_task()
-    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig(patience_slices=100))
+    solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), PipelineConfig(patience_slices=100, **SINGLE_STAGE))
     train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
     start = time.monotonic()
     finetune, caches = solver.finetune, solver.ctx.caches
@@ -215,7 +215,7 @@ def test_top_mode_finetunes_at_its_own_resolution_after_the_probe():
     x_tr, y_tr, x_te, y_te = digits_task()
     # digits saturate validation: one stale slice ends fine-tuning (no growth), so the run is short
     config = PipelineConfig(strategy="finetune_top", finetune_resolution=64, first_slice_seconds=2.0,
-                            patience_slices=1, max_resolution_growths=0)
+                            patience_slices=1, max_resolution_growths=0, **SINGLE_STAGE)
     solver = Solver(FakeMetadata(len(x_tr), 10, 8, 8, 1), config)
     train_ds, test_ds = kit_like_dataset(x_tr, y_tr), kit_like_dataset(x_te, y_te)
     start, history = time.monotonic(), []
@@ -305,10 +305,10 @@ def test_a_second_look_after_the_probe_changes_only_the_fine_tuning_settings():
     the first examples' features; a switchable answer is used, any other (or a failure) is ignored."""
     x_tr, y_tr, x_te, y_te = digits_task()
     first = PipelineConfig(strategy="finetune_top", first_slice_seconds=2.0, patience_slices=1,
-                           max_resolution_growths=0)
+                           max_resolution_growths=0, **SINGLE_STAGE)
     second = PipelineConfig(strategy="finetune_top", first_slice_seconds=2.0, patience_slices=1,
-                            max_resolution_growths=0, top_lr=0.03, finetune_resolution=64)
-    not_switchable = PipelineConfig(probe_resolution=96)
+                            max_resolution_growths=0, top_lr=0.03, finetune_resolution=64, **SINGLE_STAGE)
+    not_switchable = PipelineConfig(probe_resolution=96, **SINGLE_STAGE)
     asked = []
 
     def callback(answer):

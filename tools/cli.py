@@ -24,6 +24,9 @@ SUBCOMMANDS = {
     "faults": "tools.faults.suite",
     "replay": "tools.replay",
     "corpus": "tools.corpus.command",
+    "speed": "tools.speed",
+    "frozen-probe": "tools.frozen_probe",
+    "split-check": "tools.split_check",
 }
 
 

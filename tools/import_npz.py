@@ -25,15 +25,15 @@ def pipeline_of(row: dict):
     from tools.bench_npz import NAMED_PIPELINES
 
     config = row.get("pipeline_config")
-    if config is None and row.get("pipeline") in NAMED_PIPELINES:
-        named = NAMED_PIPELINES[row["pipeline"]]
-        config = {} if named is None else json.loads(named)
-    if config is None:
-        return None
     try:
-        return PipelineConfig.from_dict(config)
+        if config is not None:  # the whole pipeline as the run recorded it
+            return PipelineConfig.from_record(config)
+        if row.get("pipeline") in NAMED_PIPELINES:  # a name of bench-npz's: its fields over the defaults
+            named = NAMED_PIPELINES[row["pipeline"]]
+            return PipelineConfig.from_dict({} if named is None else json.loads(named))
     except (TypeError, ValueError):
         return None
+    return None
 
 
 def dataset_record_of(row: dict, store):

@@ -648,7 +648,7 @@ def stored_pipelines(store) -> dict:
     known = {}
     for pipeline_id, name, raw in store.pipelines():
         try:
-            known[pipeline_id] = (name, PipelineConfig.from_dict(raw))
+            known[pipeline_id] = (name, PipelineConfig.from_record(raw))
         except (TypeError, ValueError):  # a record of newer code: not usable here
             continue
     return known

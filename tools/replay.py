@@ -51,6 +51,8 @@ def replay(budget: float, step: float, strategy: str = "auto", max_calls: int = 
     clock = VirtualClock(step)
     real_monotonic, real_cpu_count, threads = time.monotonic, os.cpu_count, torch.get_num_threads()
     time.monotonic, os.cpu_count = clock, (lambda: 1)
+    engine = os.environ.get("AUTODL_ENGINE")
+    os.environ["AUTODL_ENGINE"] = "torch"  # one engine whatever this machine has: the same arithmetic everywhere
     try:
         torch.set_num_threads(1)
         torch.manual_seed(0)
@@ -74,6 +76,10 @@ def replay(budget: float, step: float, strategy: str = "auto", max_calls: int = 
     finally:
         time.monotonic, os.cpu_count = real_monotonic, real_cpu_count
         torch.set_num_threads(threads)
+        if engine is None:
+            os.environ.pop("AUTODL_ENGINE", None)
+        else:
+            os.environ["AUTODL_ENGINE"] = engine
 
 
 def save(path, result: dict):

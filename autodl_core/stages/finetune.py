@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from autodl_core.ensemble import Candidate, CandidatePool, paired_gain_se
 from autodl_core.growth import ResolutionGrowth
+from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
 from autodl_core.learner import Classifier, FineTuner
 from autodl_core.planner import min_gain
@@ -29,11 +31,28 @@ from autodl_core.tta import FlipTTA
 log = logging.getLogger("autodl_core.stages.finetune")
 
 
+@dataclass
+class StepStart:
+    """Where a fine-tuning step of the any-time steps (autodl_core/stages/steps.py) starts: the frozen probe
+    of its backbone at its size (LP-FT from that head; the trunk activations are cached at that size),
+    and the time it may use."""
+    head: LinearHead
+    size: tuple
+    group: str  # "backbone@HxW": the candidates it makes are one step's
+    until: float  # time.monotonic() at which the step hands over (plateau or not)
+
+
 class FinetuneStage:
     name = "finetune"
 
-    def __init__(self, ctx: RunContext, thumbnails: ThumbnailStage, probe: ProbeStage):
+    def __init__(self, ctx: RunContext, thumbnails: ThumbnailStage, probe: ProbeStage | None,
+                 start: StepStart | None = None):
         self.ctx, self.thumbnails, self.probe = ctx, thumbnails, probe
+        # Within the any-time steps: a plateau (or the end of its time) finishes this step, and the steps
+        # stage starts the next one; alone, a plateau grows the resolution or ends the run.
+        self.start = start
+        self.finished = False
+        self.best_val_probs = None  # validation predictions of the best weights (the noise of a gain)
         self.tuner: FineTuner | None = None
         self.size = None  # the working size fine-tuning runs at
         self.fit_idx = self.val_idx = None
@@ -54,6 +73,11 @@ class FinetuneStage:
             return self.name
         while True:
             time_left = ctx.planner.slice_room(deadline, self.test_cost(), self.val_cost())
+            if self.start is not None and self.start.until - time.monotonic() < time_left:
+                if self.start.until - time.monotonic() < max(3.0, 2 * (self.tuner.seconds_per_step or 1.0)):
+                    log.info("fine-tuning step %s: its time is used (step %d)", self.start.group, self.tuner.steps)
+                    return self._finish()
+                time_left = self.start.until - time.monotonic()
             if time_left < max(3.0, 2 * (self.tuner.seconds_per_step or 1.0)):
                 ctx.done_training = True
                 ctx.predictions.nothing_new()
@@ -62,7 +86,7 @@ class FinetuneStage:
             self._extend_cache(0.3 * slice_s)
             self.tuner.train_until(self._make_batch(), ctx.data.train_y, self._fit_pool(),
                                    deadline=time.monotonic() + 0.7 * slice_s)
-            self._replan_if_step_time_moved(deadline)
+            self._replan_if_step_time_moved(self.schedule_end(deadline))
             self.slice_seconds *= ctx.config.slice_growth
             if len(self.val_idx) == 0:
                 # No validation (tiny data): trust the schedule, predict after every slice, and stop
@@ -78,12 +102,16 @@ class FinetuneStage:
             value = score(ctx.data.train_y[self.val_idx], plain)
             log.info("fine-tune step %d at %s: val NAUC %.4f (ensemble so far %.4f)", self.tuner.steps,
                      self.size, value, ctx.best_val_score)
-            self._track(value)
+            self._track(value, plain)
             val_probs = self.with_flip_tta(plain, deadline)
             ctx.planner.ft_val_seconds = time.monotonic() - val_started
             if self._worth_predicting(val_probs, deadline):
                 self.val_probs = val_probs
                 break
+            if self.start is not None and self._converged():
+                log.info("fine-tuning step %s: a plateau at step %d (%d slices without a gain beyond noise)",
+                         self.start.group, self.tuner.steps, self.stale_slices)
+                return self._finish()
             if self._converged() and self.grow_resolution(deadline):
                 continue
             if self.stale_slices >= ctx.config.patience_slices:
@@ -93,6 +121,28 @@ class FinetuneStage:
                 return self.name
         ctx.predictions.ready(self.predict)
         return self.name
+
+    def _finish(self) -> str:
+        """This step of the any-time steps is done: the steps stage takes over (a pending checkpoint stays)."""
+        self.finished = True
+        self.ctx.predictions.nothing_new()
+        return self.name
+
+    def extend(self, until: float):
+        """No stronger step fits in the time left: go on here until `until`, from the best weights, with a
+        new cosine cycle at half the learning rate (a warm restart: nothing idles while time is left)."""
+        self.finished = False
+        self.start.until = until
+        model = copy.deepcopy(self.tuner.ema)  # the EMA copy has requires_grad off: the new tuner re-freezes
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self._new_tuner(model, self.tuner.base_lrs[-1] * 0.5)
+        self.slice_seconds = self.ctx.config.first_slice_seconds
+        self._start_schedule(until)
+        log.info("fine-tuning step %s goes on until the end (a new cycle at half the learning rate)",
+                 self.start.group)
 
     # ------------------------------------------------------------------ start
     def _start(self, deadline: float) -> bool:
@@ -105,14 +155,16 @@ class FinetuneStage:
         model = Classifier(body, ctx.net.n_features, data.train_y.shape[1])
         if top_mode and cfg.top_dropout > 0:
             model.head = nn.Sequential(nn.Dropout(cfg.top_dropout), model.head)
-        head = self.probe.head
+        head = self.start.head if self.start is not None else self.probe.head
         if head is not None and head.multilabel == data.profile.multilabel and head.weight.shape[1] == data.train_y.shape[1]:
             weight, bias = head.as_linear()  # LP-FT: start from the probe's linear head
             linear = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 linear.bias.copy_(bias)
-        if top_mode or cfg.finetune_resolution <= 0:
+        if self.start is not None:
+            self.size = self.start.size  # its probe's size: the head's features, the cached activations
+        elif top_mode or cfg.finetune_resolution <= 0:
             self.size = self.probe.size  # the LP-FT head was fitted on features at this size
         else:
             self.size = working_size(data.profile.storage_hw, cfg.finetune_resolution)
@@ -120,12 +172,17 @@ class FinetuneStage:
         self.val_idx = np.flatnonzero(data.is_val)
         self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
         if top_mode:
-            ctx.caches.train.ensure(data.images("train"), self.val_idx)
-        self._rescore_candidates_on_full_val()  # the probe's candidates, on the probe-size caches
-        if top_mode and cfg.finetune_resolution > 0:
-            self._top_finetune_resolution(deadline)
-        self._start_schedule(deadline)
+            ctx.caches.train.ensure(data.images("train"), self.val_idx, deadline=deadline - 10.0)
+        if self.start is None:  # (the steps stage scored the earlier candidates on its own split)
+            self._rescore_candidates_on_full_val(deadline - 10.0)  # the probe's candidates, on the probe-size caches
+            if top_mode and cfg.finetune_resolution > 0:
+                self._top_finetune_resolution(deadline)
+        self._start_schedule(self.schedule_end(deadline), deadline)
         return True
+
+    def schedule_end(self, deadline: float) -> float:
+        """When the cosine schedule should end: the call's deadline (the run's end), or this step's own end."""
+        return deadline if self.start is None else min(deadline, self.start.until)
 
     def _top_finetune_resolution(self, deadline: float):
         """Top mode with its own fine-tuning resolution: the probe's early predictions at the cheap
@@ -191,16 +248,22 @@ class FinetuneStage:
         ctx.caches.drop_flipped()
         ctx.planner.reset_finetune_costs()
 
-    def _start_schedule(self, deadline: float):
-        """Plan the cosine schedule; the starting weights are the first "best" fine-tuned state."""
-        self._plan_total_steps(deadline)
+    def _start_schedule(self, schedule_end: float, deadline: float | None = None):
+        """Plan the cosine schedule (to end at `schedule_end`); the starting weights are the first "best"
+        fine-tuned state, when their validation pass ends before the call's `deadline` (a pass of the
+        whole network at a new size on a busy CPU took seconds: without a deadline a call overran)."""
+        deadline = schedule_end if deadline is None else deadline
+        self._plan_total_steps(min(schedule_end, deadline))
         self.stale_slices = 0
-        self.best_score, self.best_state = -np.inf, None
+        self.best_score, self.best_state, self.best_val_probs = -np.inf, None, None
         if len(self.val_idx):
-            self._track(score(self.ctx.data.train_y[self.val_idx], self.predict_val(None)))
+            plain = self.predict_val(deadline - self.test_cost() - 1.0)
+            if plain is not None:
+                self._track(score(self.ctx.data.train_y[self.val_idx], plain), plain)
 
-    def _rescore_candidates_on_full_val(self):
-        """Earlier candidates saw a prefix of the validation split; extend their val predictions to all of it."""
+    def _rescore_candidates_on_full_val(self, deadline: float | None = None):
+        """Earlier candidates saw a prefix of the validation split; extend their val predictions to all of it
+        (the probe's, when its features are computed before `deadline`)."""
         ctx = self.ctx
         if len(self.val_idx) == 0:
             return
@@ -208,7 +271,9 @@ class FinetuneStage:
             if cand.name == "thumbnails":
                 cand.val_probs = self.thumbnails.val_probs(self.val_idx)
             elif cand.name == "probe" and self.probe.head is not None:
-                cand.val_probs = self.probe.val_probs()
+                probs = self.probe.val_probs(deadline)
+                if probs is not None:
+                    cand.val_probs = probs
         _, ctx.best_val_score = ctx.candidates.select(ctx.data.val_labels())
 
     # ------------------------------------------------------------------ the schedule
@@ -289,7 +354,12 @@ class FinetuneStage:
         return self.ctx.planner.finetune_val_cost(len(self.val_idx), self.size)
 
     def checkpoint_name(self) -> str:
-        return f"finetune@{self.size[0]}x{self.size[1]}:{self.tuner.steps}" + ("+flip" if self.tta.on else "")
+        backbone = f":{self.ctx.net.name}" if self.start is not None else ""
+        return (f"finetune{backbone}@{self.size[0]}x{self.size[1]}:{self.tuner.steps}"
+                + ("+flip" if self.tta.on else ""))
+
+    def group(self) -> str:
+        return self.start.group if self.start is not None else ""
 
     def predict(self, deadline: float):
         ctx = self.ctx
@@ -303,7 +373,7 @@ class FinetuneStage:
                 return None  # the flipped test activations are being computed; next call goes on
             probs = (probs + flipped) / 2
         ctx.planner.ft_test_seconds = time.monotonic() - started
-        ctx.candidates.add(Candidate(self.checkpoint_name(), probs, self.val_probs))
+        ctx.candidates.add(Candidate(self.checkpoint_name(), probs, self.val_probs, group=self.group()))
         return ctx.best_combination()
 
     # ------------------------------------------------------------------ validation decisions
@@ -321,6 +391,12 @@ class FinetuneStage:
         """Validation has stopped improving at this resolution: after the full patience, or after two
         stale slices once half of the planned schedule is done (early slices are short and noisy)."""
         stale, patience = self.stale_slices, self.ctx.config.patience_slices
+        if self.start is not None:  # a step of the any-time steps: the next, stronger step waits
+            # ...but not before an epoch and a quarter of its schedule: the first slices are short, and two
+            # of them without a clear gain ended a step after 118 steps of ~4,700 images (PneumoniaMNIST).
+            settled = self.tuner.steps * self.tuner.batch_size >= len(self.fit_idx) \
+                and self.tuner.steps >= 0.25 * self.tuner.total_steps_hint
+            return stale >= patience or (stale >= min(2, patience) and settled)
         half_done = self.tuner.steps >= 0.5 * self.tuner.total_steps_hint
         return stale >= patience or (stale >= min(2, patience) and half_done)
 
@@ -351,8 +427,10 @@ class FinetuneStage:
         self._start_schedule(deadline)
         return True
 
-    def _track(self, value: float):
+    def _track(self, value: float, probs: np.ndarray | None = None):
         """Remember the best fine-tuned weights; on a collapse, go back to them with a smaller learning rate.
+        Within the any-time steps a slice whose gain is within the noise of the validation split counts
+        as stale too (a plateau is "no gain the split can vouch for", the rule that gates predictions).
 
         Not while fine-tuning settles (the first 2 x warm-up steps): moving from the probe's head (LP-FT)
         to a tuned network dips validation for a few steps (sign_language_digits, full fine-tuning: 0.955
@@ -360,10 +438,12 @@ class FinetuneStage:
         and left the run at the probe's score."""
         best = self.best_score
         if value > best + 1e-4:
-            self.best_score = value
+            beyond_noise = self._gain_beyond_own_noise(value - best, probs)
+            self.best_score, self.best_val_probs = value, probs
             self.best_state = copy.deepcopy(self.tuner.ema.state_dict())
-            self.stale_slices = 0
-            return
+            if beyond_noise or self.tuner.steps < 2 * self.tuner.schedule.warmup_steps:
+                self.stale_slices = 0
+                return
         if self.tuner.steps < 2 * self.tuner.schedule.warmup_steps:
             return
         self.stale_slices += 1
@@ -373,12 +453,22 @@ class FinetuneStage:
             self.tuner.base_lrs = [lr * 0.3 for lr in self.tuner.base_lrs]
             log.info("val NAUC fell from %.4f to %.4f: back to the best weights, learning rate x0.3", best, value)
 
+    def _gain_beyond_own_noise(self, gain: float, probs: np.ndarray | None) -> bool:
+        """Within the any-time steps: the gain over this step's best weights exceeds `val_noise_z` paired
+        bootstrap standard errors (alone, every gain above 1e-4 counts, as before)."""
+        if self.start is None or probs is None or self.best_val_probs is None:
+            return True
+        y_val = self.ctx.data.train_y[self.val_idx]
+        m = min(len(probs), len(self.best_val_probs))
+        se = paired_gain_se(y_val[:m], probs[:m], self.best_val_probs[:m], score, n_boot=30)
+        return gain > self.ctx.config.val_noise_z * se
+
     def _worth_predicting(self, val_probs: np.ndarray, deadline: float) -> bool:
         """Predict a checkpoint only when adding it raises the ensemble's validation score clearly enough:
         by the minimum gain (saturation, prediction cost) and beyond the noise of the split's size."""
         ctx = self.ctx
         y_val = ctx.data.val_labels()
-        tentative = Candidate(self.checkpoint_name(), None, val_probs)
+        tentative = Candidate(self.checkpoint_name(), None, val_probs, group=self.group())
         group, value = ctx.candidates.select(y_val, extra=tentative)
         if not np.isfinite(value) or tentative not in group:
             return False

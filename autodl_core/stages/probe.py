@@ -116,14 +116,18 @@ class ProbeStage:
     def l2(n: int) -> float:
         return float(np.clip(2.0 / max(1, n), 1e-4, 1e-2))
 
-    def val_probs(self):
-        """Probe predictions on every validation example read so far (features computed as needed)."""
+    def val_probs(self, deadline: float | None = None):
+        """Probe predictions on every validation example read so far (features computed as needed); None
+        when they cannot be computed before `deadline`."""
         ctx = self.ctx
         val = np.flatnonzero(ctx.data.is_val)
         if len(val) == 0:
             return None
-        ctx.caches.train.ensure(ctx.data.images("train"), val)
-        return self.head.predict_proba(ctx.caches.pooled(ctx.caches.train, val))
+        ctx.caches.train.ensure(ctx.data.images("train"), val, deadline=deadline)
+        if not ctx.caches.train.has[val].all():
+            return None
+        features = ctx.caches.pooled(ctx.caches.train, val, deadline=deadline)
+        return None if features is None else self.head.predict_proba(features)
 
     def predict(self, deadline: float):
         ctx = self.ctx

@@ -101,6 +101,13 @@ def build_test_10x_train(out: Path, name: str) -> Path:
     return _compressed(out, name, 5, _balanced(5, 16), _balanced(5, 160))
 
 
+def build_photos_96px(out: Path, name: str) -> Path:
+    """600 training and 200 test colour JPEGs of 96 px: enough images for full fine-tuning to run
+    several slices in a short budget, large enough for the any-time steps to look at 224 px and more."""
+    return _compressed(out, name, 6, _balanced(6, 100), _balanced(6, 34)[:200], size=(96, 96),
+                       image_fn=_sized_jpeg([(96, 96)]))
+
+
 def _sized_jpeg(sizes):
     def image_fn(i, label, rng, patterns):
         h, w = sizes[i % len(sizes)]
@@ -220,6 +227,7 @@ DATASETS: dict[str, Callable[[Path, str], Path]] = {
     "multilabel_empty_rows": build_multilabel_empty_rows,
     "labels_all_ones": build_labels_all_ones,
     "one_class": build_one_class,
+    "photos_96px": build_photos_96px,
 }
 REAL_DATASETS = ("cifar10",)  # converted from the corpus by the suite (tools convert)
 
@@ -259,6 +267,14 @@ CASES: list[KitCase] = [
     _case("neighbour_2_cores", "load", "cifar10", 30, "CPU-bound neighbours on both cores", neighbours=2),
     _case("neighbour_2_cores_2000px", "load", "large_2000px", 20, "2,000 px images, neighbours on both cores",
           neighbours=2),
+    # Full fine-tuning (the whole network on augmented images: the GPU default, a CPU step on small sets)
+    # under load: it once ended a call 46 s past its deadline beside one CPU-bound neighbour.
+    _case("neighbour_1_core_full_ft", "load", "photos_96px", 45, "full fine-tuning, a neighbour on one core",
+          neighbours=1, pipeline={"strategy": "finetune"}),
+    _case("neighbour_2_cores_full_ft", "load", "photos_96px", 45, "full fine-tuning, neighbours on both cores",
+          neighbours=2, pipeline={"strategy": "finetune"}),
+    _case("neighbour_1_core_steps", "load", "photos_96px", 45, "the any-time steps, a neighbour on one core",
+          neighbours=1),
     _case("memory_cap_below_data", "load", "cifar10", 20,
           "memory cap 0.05 GB; cifar10 is 0.18 GB at its storage size", pipeline={"memory_cap_gb": 0.05}),
 ]

@@ -1,0 +1,296 @@
+"""Stage 3 on a CPU: any-time steps of growing strength, until the budget ends.
+
+After the first probe (a small resolution: the early predictions ALC weighs most), quality is bought
+in steps, each chosen from the data and the time left by the planner's cost model:
+
+    probe    a backbone's frozen features at the largest size the data and the budget afford
+             (up to `max_step_side`, small images upsampled at most MAX_UPSAMPLE times): one pass
+             over every example, a linear head; on small photo sets a 224-px frozen probe costs
+             seconds and beats fine-tuning at 64-128 px (test NAUC 0.98 vs 0.89 on 397 photos);
+    tune     the backbone's top fine-tuned (LP-FT) on the trunk activations its probe cached, at
+             the largest size where TUNE_MIN_EPOCHS epochs fit; it hands over at a plateau (two
+             slices whose gain the validation split cannot vouch for) or when its share of the time
+             is used;
+    then     the next backbone (`step_backbones`: EfficientNet-Lite0, Lite2), probe then tune; and
+             when no stronger step fits, the last step goes on with a new cycle until the end.
+
+Every step's predictions join the candidate pool; the prediction is the validation-best ensemble
+across steps (diverse backbones and sizes are where ensembles pay). Before the first step the
+validation split is checked against near-duplicates (autodl_core/validation.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from autodl_core.ensemble import Candidate
+from autodl_core.heads import LinearHead
+from autodl_core.images import working_size
+from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE
+from autodl_core.run_context import RunContext
+from autodl_core.stages.finetune import FinetuneStage, StepStart
+from autodl_core.stages.probe import ProbeStage
+from autodl_core.stages.thumbnails import ThumbnailStage
+from autodl_core.validation import check_split
+
+log = logging.getLogger("autodl_core.stages.steps")
+
+STEP_SIDES = (64, 80, 96, 112, 128, 160, 192, 224, 256, 288, 320)  # shorter sides the steps choose among
+# Small images are looked at up to this many times their own size: frozen probes of 28 px BreastMNIST
+# scored test NAUC 0.73 at 96 px, 0.82 at 160, 0.77 at 288 (MobileNetV2; docs/benchmarks.md).
+MAX_UPSAMPLE = 6.0
+MIN_SIDE_GAIN = 1.3  # a further probe of a backbone must look at least this much larger
+MAX_STEP_FAILURES = 2  # steps that may fail (logged, skipped) before the run stops its training
+
+
+def step_sides(storage_hw, max_side: int) -> list[int]:
+    """The shorter sides a step may use for images stored at `storage_hw`, ascending."""
+    top = min(max_side, MAX_UPSAMPLE * min(storage_hw))
+    sides = [s for s in STEP_SIDES if s <= top]
+    return sides or [STEP_SIDES[0]]
+
+
+class ProbeStep:
+    """A frozen probe of one backbone at one size: trunk activations of the validation, test and training
+    examples (cached: a fine-tuning step at this size goes on from them), the frozen top's pooled
+    features, a linear head; its predictions join the candidates."""
+
+    def __init__(self, ctx: RunContext, net, size, fit_idx: np.ndarray, val_idx: np.ndarray, then_tune: bool):
+        self.ctx, self.net, self.size = ctx, net, tuple(size)
+        self.fit_idx, self.val_idx, self.then_tune = fit_idx, val_idx, then_tune
+        self.group = f"{net.name}@{self.size[0]}x{self.size[1]}"
+        self.finished = False
+        self.head: LinearHead | None = None
+        self.test_probs = self.val_probs = None
+        self._opened = False
+
+    def step(self, deadline: float) -> None:
+        ctx = self.ctx
+        if not self._opened:
+            ctx.use_backbone(self.net)
+            ctx.caches.at(self.size)
+            self._opened = True
+            log.info("step: frozen probe of %s at %s%s", self.net.name, self.size,
+                     ", then fine-tuning" if self.then_tune else "")
+        caches, data = ctx.caches, ctx.data
+        stop = deadline - 2.0
+        n_test = data.n_test_read
+        started = time.monotonic()
+        for cache, images, positions in ((caches.train, data.images("train"), self.val_idx),
+                                         (caches.test, data.images("test"), np.arange(n_test)),
+                                         (caches.train, data.images("train"), self.fit_idx)):
+            cache.ensure(images, positions, deadline=stop)
+            if len(positions) and not cache.has[positions].all():
+                ctx.predictions.nothing_new()  # goes on at the next call
+                return
+        fit_val = np.concatenate([self.fit_idx, self.val_idx])
+        features = caches.pooled(caches.train, fit_val, deadline=stop)
+        test_features = caches.pooled(caches.test, np.arange(n_test), deadline=stop) if features is not None else None
+        if features is None or test_features is None:
+            ctx.predictions.nothing_new()
+            return
+        ctx.planner.note_features(len(fit_val) + n_test, self.size, time.monotonic() - started)
+        y = data.train_y
+        n_fit = len(self.fit_idx)
+        self.head = LinearHead(data.profile.multilabel, l2=ProbeStage.l2(n_fit)).fit(
+            features[:n_fit], y[self.fit_idx], max_iter=100, deadline=min(time.monotonic() + 10.0, stop))
+        self.val_probs = self.head.predict_proba(features[n_fit:]) if len(self.val_idx) else None
+        self.test_probs = self.head.predict_proba(test_features)
+        self.finished = True
+        ctx.predictions.ready(self.predict)
+
+    def predict(self, deadline: float):
+        ctx = self.ctx
+        ctx.candidates.add(Candidate(f"probe:{self.group}", self.test_probs, self.val_probs, kind="probe",
+                                     group=self.group))
+        return ctx.best_combination()
+
+
+class StepsStage:
+    name = "finetune"
+
+    def __init__(self, ctx: RunContext, thumbnails: ThumbnailStage, probe: ProbeStage, nets: dict):
+        self.ctx, self.thumbnails, self.probe, self.nets = ctx, thumbnails, probe, nets
+        self.current = None  # the step under way: a ProbeStep or a FinetuneStage
+        self.tune: FinetuneStage | None = None  # the latest fine-tuning step
+        self.history: list[str] = []  # the steps begun, in order ("probe mobilenetv2_100@224x224", ...)
+        self.probed: dict[str, int] = {}  # backbone -> largest side probed
+        self.tuned: set[str] = set()
+        self.fit_idx = self.val_idx = None
+        self.split_report = None
+        self.started = False
+        self.failures = 0
+
+    # ------------------------------------------------------------------ one train call
+    def step(self, deadline: float) -> str:
+        ctx = self.ctx
+        if not self.started:
+            if not ctx.data.read_all_train(deadline):
+                ctx.done_training = True
+                return self.name
+            if ctx.caches.test_features is None:
+                return self.name  # the probe's test prediction is still being made: the next test call ends it
+            self._begin()
+            self.started = True
+            return self.name
+        for _ in range(4):  # a step may finish without a prediction: the next one starts in the same call
+            if self.current is None or self.current.finished:
+                self.current = self._next_step(deadline)
+                if self.current is None:
+                    log.info("steps: no step fits in the %.0fs left: done", deadline - time.monotonic())
+                    ctx.done_training = True
+                    ctx.predictions.nothing_new()
+                    return self.name
+            try:
+                self.current.step(deadline)
+            except Exception:  # one step failing (memory, an engine) must not end the run: the next one starts
+                self.failures += 1
+                if self.failures > MAX_STEP_FAILURES:
+                    raise
+                log.exception("step %s failed; going on with the next one", self.history[-1] if self.history else "")
+                self.current.finished = True
+                ctx.predictions.nothing_new()
+                continue
+            made_prediction = ctx.predictions.pending is None
+            if ctx.done_training or made_prediction or not self.current.finished:
+                break
+            if deadline - time.monotonic() < 5.0:
+                break
+        return self.name
+
+    # ------------------------------------------------------------------ the validation split
+    def _begin(self):
+        """Every example is read: check the validation split against near-duplicates (the first probe's
+        features), and score the earlier candidates on the split the steps will use."""
+        ctx, data, cfg = self.ctx, self.ctx.data, self.ctx.config
+        features = ctx.caches.train_features
+        if cfg.group_validation and features is not None:
+            n = len(features)
+            mask, self.split_report = check_split(features, data.train_y[:n], data.is_val[:n],
+                                                  ctx.caches.test_features, data.profile.multilabel)
+            log.info(self.split_report.line())
+            if mask is not None:
+                full = np.zeros(data.n_read, bool)
+                full[:n] = mask
+                data.set_val_mask(full)
+                self._refit_first_heads()
+        self.val_idx = np.flatnonzero(data.is_val)
+        self.fit_idx = np.flatnonzero(~data.is_val)
+        if len(self.val_idx):
+            for cand in ctx.candidates:
+                if cand.name == "thumbnails":
+                    cand.val_probs = self.thumbnails.val_probs(self.val_idx)
+                elif cand.name == "probe" and self.probe.head is not None:
+                    cand.val_probs = self.probe.val_probs()
+            _, ctx.best_val_score = ctx.candidates.select(data.val_labels())
+        ctx.predictions.ready(lambda deadline: ctx.best_combination())
+
+    def _refit_first_heads(self):
+        """The thumbnail and probe heads saw examples now held out: refitted without them (seconds)."""
+        ctx = self.ctx
+        self.thumbnails.fit()
+        self.thumbnails.register()
+        probe = self.probe
+        if probe.head is not None and probe.size is not None:
+            probe._fit_head(probe.size)
+            ctx.candidates.add(Candidate("probe", probe.head.predict_proba(ctx.caches.test_features), None))
+
+    # ------------------------------------------------------------------ which step next
+    def _next_step(self, deadline: float):
+        ctx, planner = self.ctx, self.ctx.planner
+        last = self.current
+        if isinstance(last, ProbeStep) and last.then_tune and last.head is not None:
+            return self._tune(last, deadline)
+        step = self._stronger_step(deadline)
+        if step is not None:
+            return step
+        time_left = deadline - time.monotonic()
+        if time_left < MIN_STEP_TIME:
+            return None
+        if isinstance(last, FinetuneStage) and last.tuner is not None:
+            last.extend(deadline)
+            return last
+        # The last fine-tuning step: the pipeline's backbone at the largest size where an epoch fits in the
+        # time left (the activations the last probe cached, when that is its size).
+        net = self.nets[ctx.config.backbone]
+        storage = ctx.data.profile.storage_hw
+        n_all = len(self.fit_idx) + len(self.val_idx) + ctx.data.n_test_read
+        for side in reversed(step_sides(storage, ctx.config.max_step_side)):
+            size = working_size(storage, side)
+            cached = isinstance(last, ProbeStep) and last.net is net and last.size == size and last.head is not None
+            needed = planner.tune_step_seconds(n_all, len(self.fit_idx), size, net.rate, net.train_rate,
+                                               cached=cached, min_epochs=1.0) if net.train_rate else np.inf
+            if needed <= 0.9 * time_left or side == min(step_sides(storage, ctx.config.max_step_side)):
+                return self._tune(last, deadline, last_step=True) if cached else self._probe(net, side, True)
+        return None
+
+    def _stronger_step(self, deadline: float):
+        """The next backbone in `step_backbones` order that is not tuned yet: a frozen probe at the largest
+        affordable size first when that is clearly larger than where it can be tuned, else a probe at the
+        tuning size followed by fine-tuning; None when none fits."""
+        ctx, planner, data = self.ctx, self.ctx.planner, self.ctx.data
+        storage = data.profile.storage_hw
+        sides = step_sides(storage, ctx.config.max_step_side)
+        first_side = min(self.probe.size) if self.probe.size else sides[0]
+        n_fit, n_val, n_test = len(self.fit_idx), len(self.val_idx), data.n_test_read
+        n_all = n_fit + n_val + n_test
+        left = deadline - time.monotonic()
+        names = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
+        for i, name in enumerate(names):
+            net = self.nets[name]
+            budget = (TUNE_STEP_SHARE if i + 1 < len(names) else 0.9) * left
+            tune_side = None
+            last = self.current
+            if net.train_rate is not None:
+                for side in reversed(sides):
+                    size = working_size(storage, side)
+                    # Activations the last probe cached: no pass to pay, and one epoch is enough to start
+                    # (large sets: three epochs fit nowhere, but their probe's activations are there).
+                    cached = isinstance(last, ProbeStep) and last.net is net and last.size == size \
+                        and last.head is not None
+                    needed = planner.tune_step_seconds(n_all, n_fit, size, net.rate, net.train_rate, cached=cached,
+                                                       min_epochs=1.0 if cached else TUNE_MIN_EPOCHS)
+                    if side >= first_side and needed <= budget:
+                        if cached:
+                            return self._tune(last, deadline)
+                        tune_side = side
+                        break
+            probe_side = next((s for s in reversed(sides)
+                               if planner.probe_step_affordable(n_all, working_size(storage, s), net.rate, deadline)),
+                              None)
+            if (probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN
+                    and (tune_side is None or probe_side >= tune_side * MIN_SIDE_GAIN)
+                    and probe_side >= first_side * MIN_SIDE_GAIN):
+                return self._probe(net, probe_side, then_tune=False)
+            if tune_side is not None:
+                return self._probe(net, tune_side, then_tune=True)
+            if probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN \
+                    and probe_side >= first_side * MIN_SIDE_GAIN:
+                return self._probe(net, probe_side, then_tune=False)
+        return None
+
+    def _probe(self, net, side: int, then_tune: bool) -> ProbeStep:
+        size = working_size(self.ctx.data.profile.storage_hw, side)
+        self.probed[net.name] = max(self.probed.get(net.name, 0), side)
+        self.history.append(f"probe {net.name}@{size[0]}x{size[1]}")
+        return ProbeStep(self.ctx, net, size, self.fit_idx, self.val_idx, then_tune)
+
+    def _tune(self, probe_step: ProbeStep, deadline: float, last_step: bool = False) -> FinetuneStage:
+        """Fine-tuning from a finished probe step (its head, its cached activations)."""
+        ctx = self.ctx
+        name = probe_step.net.name
+        self.tuned.add(name)
+        remaining = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
+        until = ctx.planner.tune_step_until(deadline, last=last_step or not remaining)
+        start = StepStart(probe_step.head, probe_step.size, probe_step.group, until)
+        self.tune = FinetuneStage(ctx, self.thumbnails, self.probe, start=start)
+        self.history.append(f"tune {probe_step.group} for {until - time.monotonic():.0f}s")
+        log.info("step: fine-tuning %s for up to %.0fs", probe_step.group, until - time.monotonic())
+        return self.tune
+
+    # ------------------------------------------------------------------ what callers read
+    @property
+    def size(self):
+        return self.tune.size if self.tune is not None else None

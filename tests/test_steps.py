@@ -1,0 +1,152 @@
+"""The any-time steps: sizes from the data, the cost model, the validation split near-duplicates cannot
+fool, the candidate pool across steps, threads from the load, and a whole run through the steps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autodl_core import threads as threads_module
+from autodl_core.ensemble import Candidate, CandidatePool
+from autodl_core.metrics import nauc
+from autodl_core.planner import SideRate
+from autodl_core.stages.steps import MAX_UPSAMPLE, step_sides
+from autodl_core.threads import ThreadGovernor, threads_for
+from autodl_core.validation import check_split, near_duplicate_components
+
+
+def test_step_sides_follow_the_data_up_to_the_cap():
+    assert step_sides((500, 375), 288)[-1] == 288  # photos: up to the cap
+    assert step_sides((28, 28), 288)[-1] <= MAX_UPSAMPLE * 28  # small images: a bounded upsampling
+    assert step_sides((8, 8), 288) == [64]  # tiny: at least the smallest side
+    assert step_sides((100, 100), 160) == sorted(step_sides((100, 100), 160))
+
+
+def test_side_rate_is_a_power_law_in_the_side_within_its_bounds():
+    rate = SideRate([(96, 400.0), (160, 144.0)])  # exponent 2: cost per pixel
+    assert rate.exponent == pytest.approx(2.0, abs=1e-6)
+    assert rate.images_per_s(320) == pytest.approx(144.0 / 4, rel=1e-6)
+    assert rate.images_per_s((160, 160)) == pytest.approx(144.0)
+    flat = SideRate([(96, 400.0), (160, 390.0)])  # fixed costs at small sizes: not extrapolated as such
+    assert flat.exponent == 1.5
+
+
+def test_threads_follow_the_cores_other_processes_leave(monkeypatch):
+    assert threads_for(2, 0.0) == 2 and threads_for(2, 0.3) == 2
+    assert threads_for(2, 1.0) == 1 and threads_for(2, 2.0) == 1  # at least one
+    assert threads_for(8, 2.6) == 5
+    now = [0.0]
+    busy = [(0.0, 0.0)]
+    monkeypatch.setattr(threads_module, "_busy_seconds", lambda: busy[0])
+    governor = ThreadGovernor(cpus=2, clock=lambda: now[0])
+    governor.reading()
+
+    def advance(others, own=1.0, seconds=2.0):
+        now[0] += seconds
+        machine, mine = busy[0]
+        busy[0] = (machine + (others + own) * seconds, mine + own * seconds)
+        return governor.update()
+
+    assert advance(others=1.0) is None  # one reading: proposed, not applied
+    assert advance(others=1.0) == 1 and governor.threads == 1  # two agree: one thread
+    assert advance(others=0.0) is None and advance(others=0.0) == 2  # the neighbour left
+    assert advance(others=1.0, seconds=0.1) is None  # too short a window to read
+
+
+def _clustered_features(n_clusters, per_cluster, dim=32, noise=0.02, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, dim))
+    features = np.repeat(centers, per_cluster, axis=0) + noise * rng.normal(size=(n_clusters * per_cluster, dim))
+    return torch.tensor(features, dtype=torch.float32), np.repeat(np.arange(n_clusters), per_cluster)
+
+
+def test_validation_is_grouped_when_test_examples_have_no_near_duplicates_in_training():
+    """Frames of the same people: the test set holds other people, the random split does not."""
+    features, person = _clustered_features(60, 10)
+    order = np.random.default_rng(1).permutation(len(features))  # read order: shuffled
+    features, person = features[order], person[order]
+    labels = np.eye(3, dtype=np.float32)[person % 3]
+    random_mask = (np.arange(len(features)) * 2654435761 % 1000) < 100
+    test, _ = _clustered_features(20, 5, seed=7)  # other people
+    mask, report = check_split(features, labels, random_mask, test, multilabel=False)
+    assert mask is not None and report.grouped
+    assert report.val_share > 0.9 and report.test_share < 0.1 and report.val_share_after == 0.0
+    held_out = set(person[mask].tolist())
+    assert not held_out & set(person[~mask].tolist())  # no person on both sides
+    assert 0.5 * random_mask.sum() <= mask.sum() <= random_mask.sum() + 10
+
+
+def test_validation_stays_random_when_the_test_set_shares_the_near_duplicates():
+    """Augmented copies on both sides of the test split: the random split mirrors it."""
+    features, person = _clustered_features(60, 10)
+    labels = np.eye(3, dtype=np.float32)[person % 3]
+    random_mask = (np.arange(len(features)) * 2654435761 % 1000) < 100
+    test = features[::7] + 0.01
+    mask, report = check_split(features, labels, random_mask, test, multilabel=False)
+    assert mask is None and not report.grouped and report.test_share > 0.9
+
+
+def test_a_cluster_holding_most_of_a_class_stays_on_the_training_side():
+    features, person = _clustered_features(10, 20)
+    labels = np.eye(10, dtype=np.float32)[person]  # each class is one person: never hold a whole class out
+    random_mask = np.zeros(len(features), bool)
+    random_mask[::10] = True
+    mask, report = check_split(features, labels, random_mask, torch.randn(20, 32), multilabel=False)
+    assert mask is None and "too few clusters" in report.reason
+
+
+def test_near_duplicate_components_give_up_on_one_big_cluster():
+    features = torch.ones(50, 8) + 1e-3 * torch.randn(50, 8)
+    unit = features / features.norm(dim=1, keepdim=True)
+    assert near_duplicate_components(unit, 0.9, max_pairs=100) is None
+    components = near_duplicate_components(unit, 0.9)
+    assert len(set(components.tolist())) == 1
+
+
+def test_candidate_pool_keeps_each_steps_candidates_and_a_bounded_total():
+    pool = CandidatePool(lambda y, p: 0.0, max_checkpoints=2)
+    probs = np.zeros((3, 2))
+    pool.add(Candidate("thumbnails", probs, None))
+    pool.add(Candidate("probe", probs, None))
+    pool.add(Candidate("probe:a@96x96", probs, None, kind="probe", group="a@96x96"))
+    pool.add(Candidate("probe:b@224x224", probs, None, kind="probe", group="b@224x224"))
+    assert {c.name for c in pool} == {"thumbnails", "probe", "probe:a@96x96", "probe:b@224x224"}
+    for step in range(4):
+        pool.add(Candidate(f"finetune:a@96x96:{step}", probs, None, group="a@96x96"))
+    assert [c.name for c in pool if c.group == "a@96x96" and c.kind == "finetune"] == [
+        "finetune:a@96x96:2", "finetune:a@96x96:3"]
+    for step in range(20):
+        pool.add(Candidate(f"finetune:b@224x224:{step}", probs, None, group="b@224x224"))
+    names = [c.name for c in pool]
+    assert len(names) <= 12 and "probe:a@96x96" in names and "finetune:b@224x224:19" in names
+
+
+def test_a_run_through_the_steps_buys_quality_until_the_end_within_budget():
+    """Digits on a CPU: thumbnails, the probe, then steps (probes at larger sizes, fine-tuning), every
+    prediction well-formed, within the budget, the last ones from the steps."""
+    from autodl_core.arrays import ArrayDataset, ArrayMetadata
+    from autodl_core.config import PipelineConfig
+    from autodl_core.solver import Solver
+    from tools.replay import digits_split
+    import time
+
+    train, test = digits_split()
+    config = PipelineConfig(step_backbones="", first_slice_seconds=2.0)  # one backbone keeps the test short
+    solver = Solver(ArrayMetadata(train, "digits"), config, device="cpu")
+    assert solver.steps is not None
+    budget, start, history = 45.0, time.monotonic(), []
+    while not solver.done_training:
+        left = start + budget - time.monotonic()
+        if left <= 0:
+            break
+        solver.train(train, left)
+        left = start + budget - time.monotonic()
+        history.append((time.monotonic() - start, solver.test(test, left)))
+    assert time.monotonic() - start <= budget
+    assert all(p.shape == (len(test.labels), 10) and np.isfinite(p).all() for _, p in history)
+    assert solver.steps.history and solver.steps.history[0].startswith("probe mobilenetv2_100@")
+    assert any(h.startswith("tune") for h in solver.steps.history), solver.steps.history
+    assert any(c.group for c in solver.candidates), [c.name for c in solver.candidates]
+    assert nauc(test.labels, history[-1][1]) > 0.97
+    stats = solver.stats()
+    assert stats["steps"] == solver.steps.history and stats["storage_hw"]
