@@ -150,3 +150,62 @@ def test_a_run_through_the_steps_buys_quality_until_the_end_within_budget():
     assert nauc(test.labels, history[-1][1]) > 0.97
     stats = solver.stats()
     assert stats["steps"] == solver.steps.history and stats["storage_hw"]
+
+
+def _photo_task(n=120, side=256, classes=3, seed=0):
+    from autodl_core.arrays import ArrayDataset
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    x = rng.integers(0, 60, (n, side, side, 3), dtype=np.uint8)
+    x[..., 0] += (labels * 60).astype(np.uint8)[:, None, None]
+    y = np.eye(classes, dtype=np.float32)[labels]
+    return ArrayDataset(x[:100], y[:100]), ArrayDataset(x[100:], y[100:])
+
+
+def _run_data(train):
+    from autodl_core.arrays import ArrayMetadata
+    from autodl_core.config import PipelineConfig
+    from autodl_core.device_plan import plan_for
+    from autodl_core.learner import RateMeter
+    from autodl_core.planner import TimePlanner
+    from autodl_core.run_data import RunData
+
+    device = torch.device("cpu")
+    return RunData(ArrayMetadata(train, "photos"), PipelineConfig(), device, TimePlanner(RateMeter(1e6)),
+                   (0.5,) * 3, (0.5,) * 3, plan_for(device))
+
+
+def test_the_steps_read_the_images_again_at_their_large_size():
+    """The first stages read at the small size (fast early predictions); a step that looks larger reads
+    the same examples again at the large size, checked by their labels."""
+    import time
+
+    train, test = _photo_task()
+    data = _run_data(train)
+    data.open_train(train)
+    data.read_all_train(time.monotonic() + 60)
+    data.read_test(test, time.monotonic() + 60)
+    small, large = tuple(data.profile.storage_hw), tuple(data.large_storage_hw)
+    assert max(small) <= 128 and min(large) == 256 and data.step_storage_hw() == large
+    assert data.reread_needed((224, 224)) and not data.reread_needed((96, 96))
+    labels = data.train_y.copy()
+    assert data.reread_at_large_size(time.monotonic() + 60)
+    assert data.train_x.shape[1:3] == large and data.test_x.shape[1:3] == large and len(data.test_x) == 20
+    assert np.array_equal(data.train_y, labels) and tuple(data.profile.storage_hw) == large
+    assert not data.reread_needed((288, 288))  # nothing larger to read
+
+
+def test_a_dataset_that_reads_differently_twice_keeps_the_small_size():
+    import time
+
+    train, test = _photo_task()
+    data = _run_data(train)
+    data.open_train(train)
+    data.read_all_train(time.monotonic() + 60)
+    data.read_test(test, time.monotonic() + 60)
+    data.train_y = data.train_y[::-1].copy()  # as if the second read came in another order
+    small = tuple(data.profile.storage_hw)
+    assert not data.reread_at_large_size(time.monotonic() + 60)
+    assert data.large_storage_hw is None and tuple(data.profile.storage_hw) == small
+    assert data.step_storage_hw() == small and not data.reread_needed((288, 288))

@@ -45,6 +45,11 @@ MIN_SIDE_GAIN = 1.3  # a further probe of a backbone must look at least this muc
 MAX_STEP_FAILURES = 2  # steps that may fail (logged, skipped) before the run stops its training
 
 
+def probe_step_examples(config) -> int:
+    """Training examples a probe step computes features of at most (twice the first probe's)."""
+    return 2 * config.probe_max_examples
+
+
 def step_sides(storage_hw, max_side: int) -> list[int]:
     """The shorter sides a step may use for images stored at `storage_hw`, ascending."""
     top = min(max_side, MAX_UPSAMPLE * min(storage_hw))
@@ -59,7 +64,10 @@ class ProbeStep:
 
     def __init__(self, ctx: RunContext, net, size, fit_idx: np.ndarray, val_idx: np.ndarray, then_tune: bool):
         self.ctx, self.net, self.size = ctx, net, tuple(size)
-        self.fit_idx, self.val_idx, self.then_tune = fit_idx, val_idx, then_tune
+        # The head is fitted on the first PROBE_STEP_FIT examples of a large set (a fine-tuning step caches
+        # the rest as it trains): CIFAR-10's whole training set at 96 px took 47 s without a prediction.
+        self.fit_idx = fit_idx[:probe_step_examples(ctx.config)]
+        self.val_idx, self.then_tune = val_idx, then_tune
         self.group = f"{net.name}@{self.size[0]}x{self.size[1]}"
         self.finished = False
         self.head: LinearHead | None = None
@@ -76,6 +84,10 @@ class ProbeStep:
                      ", then fine-tuning" if self.then_tune else "")
         caches, data = ctx.caches, ctx.data
         stop = deadline - 2.0
+        if data.reread_needed(self.size) and not data.reread_at_large_size(stop) \
+                and data.large_storage_hw is not None:
+            ctx.predictions.nothing_new()  # reading again at the large size: goes on at the next call
+            return
         n_test = data.n_test_read
         started = time.monotonic()
         for cache, images, positions in ((caches.train, data.images("train"), self.val_idx),
@@ -199,7 +211,6 @@ class StepsStage:
 
     # ------------------------------------------------------------------ which step next
     def _next_step(self, deadline: float):
-        ctx, planner = self.ctx, self.ctx.planner
         last = self.current
         if isinstance(last, ProbeStep) and last.then_tune and last.head is not None:
             return self._tune(last, deadline)
@@ -213,66 +224,88 @@ class StepsStage:
             last.extend(deadline)
             return last
         # The last fine-tuning step: the pipeline's backbone at the largest size where an epoch fits in the
-        # time left (the activations the last probe cached, when that is its size).
-        net = self.nets[ctx.config.backbone]
-        storage = ctx.data.profile.storage_hw
-        n_all = len(self.fit_idx) + len(self.val_idx) + ctx.data.n_test_read
-        for side in reversed(step_sides(storage, ctx.config.max_step_side)):
-            size = working_size(storage, side)
-            cached = isinstance(last, ProbeStep) and last.net is net and last.size == size and last.head is not None
-            needed = planner.tune_step_seconds(n_all, len(self.fit_idx), size, net.rate, net.train_rate,
-                                               cached=cached, min_epochs=1.0) if net.train_rate else np.inf
-            if needed <= 0.9 * time_left or side == min(step_sides(storage, ctx.config.max_step_side)):
-                return self._tune(last, deadline, last_step=True) if cached else self._probe(net, side, True)
-        return None
+        # time left (at the smallest size when none does).
+        net = self.nets[self.ctx.config.backbone]
+        side, cached = self._tune_side(net, 0.9 * time_left, min_epochs=1.0, floor=0)
+        if side is None:
+            side = self._sides()[0]
+            cached = self._cached(net, side)
+        return self._tune(last, deadline, last_step=True) if cached else self._probe(net, side, then_tune=True)
 
     def _stronger_step(self, deadline: float):
-        """The next backbone in `step_backbones` order that is not tuned yet: a frozen probe at the largest
-        affordable size first when that is clearly larger than where it can be tuned, else a probe at the
-        tuning size followed by fine-tuning; None when none fits."""
-        ctx, planner, data = self.ctx, self.ctx.planner, self.ctx.data
-        storage = data.profile.storage_hw
-        sides = step_sides(storage, ctx.config.max_step_side)
+        """The next backbone in `step_backbones` order that is not tuned yet: its cached activations tuned
+        when the last probe left them, else a frozen probe at the largest affordable size first when that
+        is clearly larger than where it can be tuned, else a probe at the tuning size followed by
+        fine-tuning; None when none fits."""
+        ctx, planner = self.ctx, self.ctx.planner
+        sides = self._sides()
         first_side = min(self.probe.size) if self.probe.size else sides[0]
-        n_fit, n_val, n_test = len(self.fit_idx), len(self.val_idx), data.n_test_read
-        n_all = n_fit + n_val + n_test
         left = deadline - time.monotonic()
         names = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
         for i, name in enumerate(names):
             net = self.nets[name]
             budget = (TUNE_STEP_SHARE if i + 1 < len(names) else 0.9) * left
-            tune_side = None
-            last = self.current
-            if net.train_rate is not None:
-                for side in reversed(sides):
-                    size = working_size(storage, side)
-                    # Activations the last probe cached: no pass to pay, and one epoch is enough to start
-                    # (large sets: three epochs fit nowhere, but their probe's activations are there).
-                    cached = isinstance(last, ProbeStep) and last.net is net and last.size == size \
-                        and last.head is not None
-                    needed = planner.tune_step_seconds(n_all, n_fit, size, net.rate, net.train_rate, cached=cached,
-                                                       min_epochs=1.0 if cached else TUNE_MIN_EPOCHS)
-                    if side >= first_side and needed <= budget:
-                        if cached:
-                            return self._tune(last, deadline)
-                        tune_side = side
-                        break
-            probe_side = next((s for s in reversed(sides)
-                               if planner.probe_step_affordable(n_all, working_size(storage, s), net.rate, deadline)),
-                              None)
-            if (probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN
-                    and (tune_side is None or probe_side >= tune_side * MIN_SIDE_GAIN)
-                    and probe_side >= first_side * MIN_SIDE_GAIN):
+            tune_side, cached = self._tune_side(net, budget, min_epochs=TUNE_MIN_EPOCHS, floor=first_side)
+            if cached:
+                return self._tune(self.current, deadline)
+            probe_side = next((s for s in reversed(sides) if planner.probe_step_affordable(
+                self._n_all(), self._size(s), net.rate, deadline, extra=self._reread_cost(s))), None)
+            probe_worth = (probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN
+                           and probe_side >= first_side * MIN_SIDE_GAIN)
+            if probe_worth and (tune_side is None or probe_side >= tune_side * MIN_SIDE_GAIN):
                 return self._probe(net, probe_side, then_tune=False)
             if tune_side is not None:
                 return self._probe(net, tune_side, then_tune=True)
-            if probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN \
-                    and probe_side >= first_side * MIN_SIDE_GAIN:
-                return self._probe(net, probe_side, then_tune=False)
         return None
 
+    def _tune_side(self, net, budget: float, min_epochs: float, floor: int) -> tuple[int | None, bool]:
+        """(the largest side >= `floor` where fine-tuning `net` needs at most `budget` seconds, whether the
+        last probe cached its activations there). Cached activations cost no pass, and one epoch is enough
+        to start on them (large sets: three epochs fit at no size, but their probe's activations are
+        there); otherwise a pass and `min_epochs` epochs."""
+        if net.train_rate is None:
+            return None, False
+        planner, n_fit = self.ctx.planner, len(self.fit_idx)
+        for side in reversed(self._sides()):
+            if side < floor:
+                break
+            cached = self._cached(net, side)
+            needed = planner.tune_step_seconds(self._n_all(all_fit=True), n_fit, self._size(side), net.rate,
+                                               net.train_rate,
+                                               cached=cached, min_epochs=1.0 if cached else min_epochs,
+                                               extra=self._reread_cost(side))
+            if needed <= budget:
+                return side, cached
+        return None, False
+
+    def _cached(self, net, side: int) -> bool:
+        """Whether the step just finished is a probe of `net` at `side` (its activations are in the caches)."""
+        last = self.current
+        return isinstance(last, ProbeStep) and last.net is net and last.size == self._size(side) \
+            and last.head is not None
+
+    def _sides(self) -> list[int]:
+        return step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
+
+    def _size(self, side: int) -> tuple[int, int]:
+        return working_size(self.ctx.data.step_storage_hw(), side)
+
+    def _reread_cost(self, side: int) -> float:
+        """Seconds of reading the data again at the large size, when a step at `side` needs that first."""
+        data = self.ctx.data
+        if not data.reread_needed(self._size(side)):
+            return 0.0
+        return self.ctx.planner.reread_seconds(data.n_read + data.n_test_read, data.profile.storage_hw,
+                                               data.large_storage_hw)
+
+    def _n_all(self, all_fit: bool = False) -> int:
+        """The images a probe step passes: validation, test, and the training examples its head sees (every
+        training example: what a fine-tuning step caches in the end)."""
+        n_fit = len(self.fit_idx) if all_fit else min(len(self.fit_idx), probe_step_examples(self.ctx.config))
+        return n_fit + len(self.val_idx) + self.ctx.data.n_test_read
+
     def _probe(self, net, side: int, then_tune: bool) -> ProbeStep:
-        size = working_size(self.ctx.data.profile.storage_hw, side)
+        size = self._size(side)
         self.probed[net.name] = max(self.probed.get(net.name, 0), side)
         self.history.append(f"probe {net.name}@{size[0]}x{size[1]}")
         return ProbeStep(self.ctx, net, size, self.fit_idx, self.val_idx, then_tune)
