@@ -127,14 +127,14 @@ _TRAIN_RATE_CACHE: dict[tuple, "SideRate"] = {}
 
 def _top_train_rate(net: Backbone, device: torch.device) -> SideRate:
     """Images/s of the top's training step (batch 32, on activations as the cache holds them) at 96 and
-    160 px: the steps' planner sizes its epochs from it. (Below ~96 px fixed costs dominate a step: the
+    192 px: the steps' planner sizes its epochs from it. (Below ~96 px fixed costs dominate a step: the
     rate at 64 and 128 px would extrapolate to large sizes 5x too fast.)"""
     model = Classifier(copy.deepcopy(net.top), net.n_features, 10)
     tuner = FineTuner(model, Preprocessor(net.mean, net.std, device=device), False, batch_size=32,
                       freeze_fraction=0.0, freeze_bn=True)
     labels = np.eye(10, dtype=np.float32)[np.arange(64) % 10]
     points = []
-    for side in (96, 160):
+    for side in (96, 192):
         with torch.inference_mode():
             activations = net.trunk_runner(torch.randn(64, 3, side, side, device=device)).clone()
 

@@ -12,13 +12,13 @@ yardstick the solver's later steps are chosen against (docs/benchmarks.md).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from autodl_core.errors import UserInputError
+from tools.corpus_rows import finish, require_corpus_folders
 
 
 def resized_batch(images, size: int) -> np.ndarray:
@@ -124,19 +124,16 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
-    for folder in args.datasets:
-        if not os.path.isfile(os.path.join(folder, "data.npz")):
-            raise UserInputError(f"not a corpus dataset folder (no data.npz): {folder}")
+    require_corpus_folders(args.datasets)
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    try:
+        resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    except ValueError:
+        raise UserInputError(f"--resolutions must be integers separated by commas, got {args.resolutions!r}") from None
     rows = []
     for folder in args.datasets:
         rows += run_dataset(folder, backbones, resolutions, args.max_train, args.max_test)
-    print()
-    print(markdown(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    return 0
+    return finish(rows, markdown, args.out)
 
 
 def register(subparsers):

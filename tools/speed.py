@@ -207,7 +207,7 @@ def measure(backbones: list[str], resolutions: list[int], batch: int, repeats: i
             if train_seconds > 0:
                 train = training_rates(top, trunk, int(network.num_features), 10, size, 32, train_seconds)
                 result["training"].append({"backbone": name, "size": size, "rates": train})
-                print(f"  training step of the top, batch 32: "
+                print("  training step of the top, batch 32: "
                       + ", ".join(f"{k} {v:.0f} img/s" for k, v in train.items()), flush=True)
     return result
 

@@ -12,12 +12,11 @@ NAUC. A split that tracks the test set reads about what the test set reads.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from autodl_core.errors import UserInputError
+from tools.corpus_rows import finish, require_corpus_folders
 
 
 def check_dataset(folder: str, threshold: float | None, max_train: int) -> dict:
@@ -110,19 +109,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
-    for folder in args.datasets:
-        if not os.path.isfile(os.path.join(folder, "data.npz")):
-            raise UserInputError(f"not a corpus dataset folder (no data.npz): {folder}")
+    require_corpus_folders(args.datasets)
     rows = []
     for folder in args.datasets:
         row = check_dataset(folder, args.threshold, args.max_train)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print()
-    print(markdown(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
-    return 0
+    return finish(rows, markdown, args.out)
 
 
 def register(subparsers):

@@ -328,7 +328,7 @@ class FinetuneStage:
                 cache = ctx.caches.flipped("val", self.size)
                 cache.ensure(ctx.data.images("train"), self.val_idx)
             return self.tuner.predict_batches(lambda p: cache.get(self.val_idx[p], ctx.device),
-                                              len(self.val_idx), deadline=deadline)
+                                              len(self.val_idx), deadline=deadline, batch_size=self._top_batch())
         images = ctx.data.images("train")
         val_idx = torch.from_numpy(self.val_idx).to(images.device) if isinstance(images, torch.Tensor) else self.val_idx
         return self.tuner.predict(images[val_idx], self.size, deadline=deadline, flip=flip,
@@ -342,13 +342,25 @@ class FinetuneStage:
             cache.ensure(ctx.data.images("test"), np.arange(n_test), deadline=deadline)
             if n_test and not cache.has[:n_test].all():
                 return None  # what was computed stays cached for the next call
-            return self.tuner.predict_batches(lambda p: cache.get(p, ctx.device), n_test, deadline=deadline)
+            return self.tuner.predict_batches(lambda p: cache.get(p, ctx.device), n_test, deadline=deadline,
+                                              batch_size=self._top_batch())
         return self.tuner.predict(ctx.data.images("test"), self.size, deadline=deadline, flip=flip,
                                   batch_size=ctx.plan.predict_batch)
 
+    def _top_batch(self) -> int:
+        """Cached activations the fine-tuned top predicts at once: bounded by pixels as frozen passes are (at
+        288 x 328 px, 256 at a time held over a GB of the top's activations)."""
+        return min(256, 4 * self.ctx.plan.feature_batch_for(self.size))
+
     def test_cost(self) -> float:
-        return self.ctx.planner.finetune_test_cost(self.ctx.data.n_test_read, self.size, self.ctx.top_mode,
-                                                   bool(self.tta.on))
+        ctx = self.ctx
+        cost = ctx.planner.finetune_test_cost(ctx.data.n_test_read, self.size, ctx.top_mode, bool(self.tta.on))
+        train_rate = ctx.net.train_rate
+        if self.start is not None and train_rate is not None and ctx.planner.ft_test_seconds is None:
+            # the tuned top's forward pass, about twice its training rate (frozen passes run in an engine)
+            per_pass = ctx.data.n_test_read / max(1.0, 2 * train_rate.images_per_s(self.size))
+            cost = max(cost, (2 if self.tta.on else 1) * per_pass + 0.5)
+        return cost
 
     def val_cost(self) -> float:
         return self.ctx.planner.finetune_val_cost(len(self.val_idx), self.size)
@@ -382,8 +394,8 @@ class FinetuneStage:
         ctx = self.ctx
         return self.tta.apply(
             plain, ctx.data.train_y[self.val_idx], score,
-            affordable=lambda: ctx.config.flip_tta and ctx.planner.flip_tta_affordable(ctx.data.n_test_read,
-                                                                                         self.size, deadline),
+            affordable=lambda: ctx.config.flip_tta and ctx.planner.flip_tta_affordable(
+                ctx.data.n_test_read, self.size, deadline, plain_cost=self.test_cost()),
             flipped=lambda: self.predict_val(deadline - self.test_cost(), flip=True),
             recheck=recheck, where=self.size)
 

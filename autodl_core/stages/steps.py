@@ -273,7 +273,9 @@ class StepsStage:
             needed = planner.tune_step_seconds(self._n_all(all_fit=True), n_fit, self._size(side), net.rate,
                                                net.train_rate,
                                                cached=cached, min_epochs=1.0 if cached else min_epochs,
-                                               extra=self._reread_cost(side))
+                                               extra=self._reread_cost(side),
+                                               n_predicted=len(self.val_idx) + self.ctx.data.n_test_read,
+                                               flips=self.ctx.config.flip_tta and self.ctx.data.profile.flip_ok)
             if needed <= budget:
                 return side, cached
         return None, False
