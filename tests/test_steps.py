@@ -209,3 +209,51 @@ def test_a_dataset_that_reads_differently_twice_keeps_the_small_size():
     assert not data.reread_at_large_size(time.monotonic() + 60)
     assert data.large_storage_hw is None and tuple(data.profile.storage_hw) == small
     assert data.step_storage_hw() == small and not data.reread_needed((288, 288))
+
+
+def test_when_no_stronger_step_fits_the_best_tuning_goes_on_from_its_weights():
+    """After another backbone's probe took the caches, the fine-tuning step with the best validation score
+    is resumed (its activations cached again, a new cycle from its best weights), not restarted."""
+    import time
+
+    from autodl_core.arrays import ArrayMetadata
+    from autodl_core.config import PipelineConfig
+    from autodl_core.solver import Solver
+    from autodl_core.stages.finetune import FinetuneStage
+    from autodl_core.stages.steps import ProbeStep
+    from tools.replay import digits_split
+
+    train, test = digits_split()
+    config = PipelineConfig(step_backbones="", first_slice_seconds=2.0)
+    solver = Solver(ArrayMetadata(train, "digits"), config, device="cpu")
+    start = time.monotonic()
+    while solver.finetune is None or solver.finetune.best_state is None:
+        assert time.monotonic() - start < 120, "no fine-tuning step with weights"
+        solver.train(train, 60)
+        solver.test(test, 60)
+    steps, tuned = solver.steps, solver.finetune
+    steps.tuned = set(config.step_backbone_names())  # nothing stronger left
+    other = ProbeStep(solver.ctx, tuned.net, (48, 48), steps.fit_idx, steps.val_idx, then_tune=False)
+    other.step(time.monotonic() + 60)  # another probe takes the caches
+    assert other.finished and solver.ctx.caches.size == (48, 48)
+    steps.current = other
+    resume = steps._next_step(time.monotonic() + 120)
+    assert isinstance(resume, ProbeStep) and resume.resume is tuned and resume.size == tuned.size
+    steps.current = resume
+    resume.step(time.monotonic() + 60)
+    weights = {k: v.clone() for k, v in tuned.best_state.items()}
+    goes_on = steps._next_step(time.monotonic() + 120)
+    assert goes_on is tuned and isinstance(goes_on, FinetuneStage) and solver.ctx.caches.size == tuned.size
+    # From its best weights (a few steps planning its schedule since), not from the pretrained top again:
+    model, pretrained = tuned.tuner.model.state_dict(), tuned.net.top.state_dict()
+    moved = [k for k in weights if k.startswith("backbone.") and weights[k].is_floating_point()
+             and not torch.equal(weights[k], pretrained[k[len("backbone."):]])]
+
+    def distance(a, b):
+        return float(sum(((a[k].float() - b[k].float()) ** 2).sum() for k in moved)) ** 0.5
+
+    assert moved and distance(model, weights) < 0.5 * distance(
+        weights, {k: pretrained[k[len("backbone."):]] for k in moved})
+    steps.current = goes_on
+    solver.train(train, 60)
+    assert solver.test(test, 60).shape == (len(test.labels), 10) and "resume" in " ".join(steps.history)

@@ -46,8 +46,9 @@ class FinetuneStage:
     name = "finetune"
 
     def __init__(self, ctx: RunContext, thumbnails: ThumbnailStage, probe: ProbeStage | None,
-                 start: StepStart | None = None):
+                 start: StepStart | None = None, net=None):
         self.ctx, self.thumbnails, self.probe = ctx, thumbnails, probe
+        self.net = net if net is not None else ctx.net  # the backbone it tunes (the steps move between several)
         # Within the any-time steps: a plateau (or the end of its time) finishes this step, and the steps
         # stage starts the next one; alone, a plateau grows the resolution or ends the run.
         self.start = start
@@ -355,7 +356,7 @@ class FinetuneStage:
     def test_cost(self) -> float:
         ctx = self.ctx
         cost = ctx.planner.finetune_test_cost(ctx.data.n_test_read, self.size, ctx.top_mode, bool(self.tta.on))
-        train_rate = ctx.net.train_rate
+        train_rate = self.net.train_rate
         if self.start is not None and train_rate is not None and ctx.planner.ft_test_seconds is None:
             # the tuned top's forward pass, about twice its training rate (frozen passes run in an engine)
             per_pass = ctx.data.n_test_read / max(1.0, 2 * train_rate.images_per_s(self.size))
@@ -366,7 +367,7 @@ class FinetuneStage:
         return self.ctx.planner.finetune_val_cost(len(self.val_idx), self.size)
 
     def checkpoint_name(self) -> str:
-        backbone = f":{self.ctx.net.name}" if self.start is not None else ""
+        backbone = f":{self.net.name}" if self.start is not None else ""
         return (f"finetune{backbone}@{self.size[0]}x{self.size[1]}:{self.tuner.steps}"
                 + ("+flip" if self.tta.on else ""))
 
