@@ -108,10 +108,16 @@ class OpenVinoRunner:
 
     @property
     def precision(self) -> str:
+        """"bf16", "f16" or "fp32": the arithmetic the plugin chose (its property prints as
+        "<Type: 'bfloat16'>", which a search for "bf16" misses)."""
         try:
-            return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+            hint = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
         except Exception:  # pragma: no cover - older plugins
             return "?"
+        for name, words in (("bf16", ("bf16", "bfloat16")), ("f16", ("f16", "float16")), ("fp32", ("f32", "float32"))):
+            if any(word in hint for word in words):
+                return name
+        return hint
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.request.infer({0: _as_numpy(x)})

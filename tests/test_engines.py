@@ -125,3 +125,13 @@ def test_engine_choice_summary_lists_rates_best_first():
     choice = EngineChoice(TorchRunner(torch.nn.Identity(), "cpu"), rates={"torch": 10.0, "openvino": 30.0},
                           errors={"onnxruntime": "ImportError"})
     assert choice.summary().index("openvino") < choice.summary().index("torch 10")
+
+
+def test_openvino_names_its_arithmetic(tmp_path):
+    """`tools speed` reckons a bf16 engine's share against the bf16 peak: the plugin's precision property
+    (printed as "<Type: 'bfloat16'>") reads back as one of the short names."""
+    ov = pytest.importorskip("openvino")
+    runner = engines.build_engine("openvino", small_net(), torch.randn(2, 3, 32, 32), 1, str(tmp_path))
+    hint = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")).lower()
+    expected = "bf16" if "bfloat16" in hint else "f16" if "float16" in hint else "fp32"
+    assert runner.precision == expected

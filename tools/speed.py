@@ -127,7 +127,7 @@ def frozen_rates(network, size: int, batch: int, threads: int, engines: list[str
             error = relative_error(reference, runner(x[:4]))
             rates[name] = images_per_s(runner, x, repeats)
             rates[f"{name} error"] = error
-            if "bf16" in str(getattr(runner, "precision", "")).lower():
+            if getattr(runner, "precision", "") == "bf16":
                 rates[f"{name} bf16"] = True
         except Exception as exc:
             rates[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
