@@ -56,7 +56,15 @@ def test_backbones_needed_reads_the_store(tmp_path):
         store.upsert_pipeline(PipelineConfig(backbone="efficientnet_lite1"), "never run")
         store.upsert_pipeline(PipelineConfig(backbone="no_such_net"), "unregistered")
         store.record_run(store_module.RunRecord("toy", measured, 60.0, "cpu2", "ok", alc=0.5))
-    assert package.backbones_needed(store_path=path) == [DEFAULT_BACKBONE, "efficientnet_lite0"]
+    steps = PipelineConfig().step_backbone_names()
+    assert package.backbones_needed(store_path=path) == list(dict.fromkeys(steps + ["efficientnet_lite0"]))
+
+
+def test_backbones_needed_includes_every_backbone_of_the_default_steps(tmp_path):
+    """An empty store still ships the steps' backbones: the default pipeline moves on to them."""
+    needed = package.backbones_needed(store_path=tmp_path / "absent.sqlite")
+    assert needed[0] == DEFAULT_BACKBONE
+    assert set(PipelineConfig().step_backbone_names()) <= set(needed)
 
 
 def test_zip_has_the_entry_point_packages_weights_and_vendor(built):

@@ -60,7 +60,9 @@ class PackageResult:
 def backbones_needed(store_path: str | os.PathLike | None = None) -> list[str]:
     """Backbones the shipped pipelines can select (weights must ship for each, or the solver cannot start).
 
-    Always the default PipelineConfig's backbone (the selector's fallback); plus meta_db's own list when it
+    Always the default PipelineConfig's backbone (the selector's fallback) and the backbones its any-time
+    steps move on to (without their weights a step is left out and the run stops buying quality early);
+    plus meta_db's own list when it
     offers one (``selectable_backbones()`` in meta_db.selector or meta_db.store), else the backbone of every
     pipeline with measured runs in the shipped store (meta_db/store.sqlite, or ``store_path``), as the
     selector can pick any of those. Unregistered backbones are left out: the selector skips them too.
@@ -68,8 +70,9 @@ def backbones_needed(store_path: str | os.PathLike | None = None) -> list[str]:
     from autodl_core.config import PipelineConfig
     from pretrained import list_backbones
 
-    default = PipelineConfig().backbone
-    names = [default]
+    default_config = PipelineConfig()
+    default = default_config.backbone
+    names = default_config.step_backbone_names()
     offered = False
     for module_name in ("meta_db.selector", "meta_db.store"):
         try:
