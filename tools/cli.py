@@ -32,6 +32,7 @@ SUBCOMMANDS = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tools", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         if only is not None and name != only:
@@ -45,6 +46,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue  # subcommand not built yet
         module.register(sub)
     return parser
+
+
+def _version() -> str:
+    """The project's version: autodl_core.__version__ (pyproject.toml reads it from there too)."""
+    from autodl_core import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
