@@ -46,7 +46,7 @@ class PipelineConfig:
     trunk_blocks: int = 4
     freeze_fraction: float = 0.3  # share of backbone blocks kept frozen by "finetune"
     lr: float = 0.01
-    top_lr: float = 0.016  # measured best on a CPU at T = 300 s (was 0.002 until stop 9: see ID_BASELINE)
+    top_lr: float = 0.016  # measured best on a CPU at T = 300 s (was 0.002 until 0.1.9: see ID_BASELINE)
     top_dropout: float = 0.2
     batch_size: int = 64
     # On a GPU (see autodl_core/device_plan.py): full fine-tuning's images per step (the learning rate
@@ -60,7 +60,7 @@ class PipelineConfig:
     augment_flip: bool = True
     augment_shift: float = 0.1
     probe_max_examples: int = 5000  # frozen-feature probe uses at most this many training examples
-    # Data read before the very first (thumbnail) prediction. 0.5 s (was 1.5 until stop 10: see
+    # Data read before the very first (thumbnail) prediction. 0.5 s (was 1.5 until 0.1.10: see
     # ID_BASELINE): early on each second costs ~0.9% ALC, while 1,000 examples instead of 4,000 cost the
     # thumbnail head only 0.01-0.02 NAUC, and only until the probe's prediction a few seconds later.
     first_chunk_seconds: float = 0.5

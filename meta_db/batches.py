@@ -1,11 +1,11 @@
-"""Measuring batches side by side: does one sitting's runs sit above or below the others' on the same cells?
+"""Measuring batches side by side: do one batch's runs sit above or below the others' on the same cells?
 
 A batch is the runs one code version recorded on one machine instance (`code_version@instance`;
-runs recorded before stop 21 name no instance: their code version alone), i.e. one sitting.
+runs recorded before 0.1.21 name no instance: their code version alone), i.e. one run after another on one machine.
 Run-to-run noise is random from run to run; a batch effect is not: a slower machine instance, a
-busy host or a solver detail lowers every run of the sitting, and its cells then look like losses
-of whichever pipelines happened to run there. Stop 21 found one: the ten runs of batch
-`5227448` (stop 17, 2026-12-04 23:24-00:13 UTC, another AMD EPYC instance) sat 0.03-0.11 below the
+busy host or a solver detail lowers every run of the batch, and its cells then look like losses
+of whichever pipelines happened to run there. Version 0.1.21 found one: the ten runs of batch
+`5227448` (0.1.17, 2026-12-04 23:24-00:13 UTC, another AMD EPYC instance) sat 0.03-0.11 below the
 same cells' later runs on every cell replicated since, which made `mnv2-top-f128` look 0.025-0.036
 ahead of f96 on two photo sets where the two tie.
 
@@ -51,10 +51,10 @@ class BatchOffset:
 def batch_offsets(store_path, time_budget: float, hardware: str, iterations: int = 100) -> list[BatchOffset]:
     """Every batch of one stratum, oldest first, from an additive fit: run ALC = cell + batch + noise.
 
-    Why a fit, not "each batch against the others' mean": with one slow sitting among three, every other
+    Why a fit, not "each batch against the others' mean": with one slow batch among three, every other
     batch would look high against a reference that contains the slow one. The fit uses the cells that
     two or more batches in use measured; the batch effects are centred on their median (weighted by
-    paired runs), so the typical batch sits at 0 and one odd sitting stands out. A retired batch gets
+    paired runs), so the typical batch sits at 0 and one odd batch stands out. A retired batch gets
     its offset against every cell the batches in use measured, never shaping them.
     """
     with Store(store_path, readonly=True) as store:  # retirement: the store's own rule (IN_USE)

@@ -75,7 +75,7 @@ def cpu_model() -> str:
     """The processor's name ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."), "" when unknown.
 
     Recorded with every run: two machines of one stratum key (cpu2) differ by up to 0.05 ALC on one
-    dataset for every pipeline (stop 19: peta 0.49 on a Xeon, 0.44 on an EPYC), so comparisons
+    dataset for every pipeline (0.1.19: peta 0.49 on a Xeon, 0.44 on an EPYC), so comparisons
     between pipelines are only fair within one model.
     """
     try:
@@ -91,9 +91,9 @@ def cpu_model() -> str:
 def machine_instance() -> str:
     """This boot of this machine (the first 8 hex digits of Linux's boot id), "" where unknown.
 
-    Two instances of one CPU model can score apart too (stop 21: ten runs on one AMD EPYC instance
+    Two instances of one CPU model can score apart too (0.1.21: ten runs on one AMD EPYC instance
     sat 0.03-0.11 below the same cells' runs on another), so runs record which instance measured them
-    and `meta_db.batches` can tell sittings apart.
+    and `meta_db.batches` can tell measuring batches apart.
     """
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:

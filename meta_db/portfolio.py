@@ -31,8 +31,8 @@ PORTFOLIO: dict[str, PipelineConfig] = {
     # "auto" (finetune_top on a CPU: the top blocks tuned on cached trunk activations; finetune on a GPU),
     # top learning rate 0.016, first prediction after 0.5 s of reading
     "default": single_stage(),
-    # the default of stops 9-10 (first chunk 1.5 s; measured as "mnv2-top-lr16" at stop 8);
-    # retired from the shipped store's choice at stop 19, like r96 (`tools meta-train --retire-pipeline`)
+    # the default of 0.1.9-0.1.10 (first chunk 1.5 s; measured as "mnv2-top-lr16" in 0.1.8);
+    # retired from the shipped store's choice in 0.1.19, like r96 (`tools meta-train --retire-pipeline`)
     "mnv2-top-lr16": measured(top_lr=0.016),
     # the first default, top learning rate 0.002
     "mnv2-top-lr2": measured(),
@@ -46,14 +46,14 @@ PORTFOLIO: dict[str, PipelineConfig] = {
     # NAUC on photos without its later first probe prediction
     "mnv2-top-f96": single_stage(strategy="finetune_top", finetune_resolution=96, batch_size=32),
     # the same probe, the top fine-tuned at 128 px: for photos of 100 px and more, where f96 still gained
-    # most over the default (flowers17 +0.038, wbc +0.061 at stop 17); switchable with both after the probe
+    # most over the default (flowers17 +0.038, wbc +0.061 in 0.1.17); switchable with both after the probe
     "mnv2-top-f128": single_stage(strategy="finetune_top", finetune_resolution=128, batch_size=32),
     # the same at 160 px (storage at 160 px): measured on the three photo families where f128 won most
-    # (stop 20); never ahead of f128 there
+    # (0.1.20); never ahead of f128 there
     "mnv2-top-f160": single_stage(strategy="finetune_top", finetune_resolution=160, batch_size=32,
                                     max_resolution=160),
     # EfficientNet-Lite0 in f128's place: a better frozen probe (earlier, higher first predictions),
-    # slower fine-tuning steps on a CPU (stop 20)
+    # slower fine-tuning steps on a CPU (0.1.20)
     "lite0-top-f128": single_stage(backbone="efficientnet_lite0", strategy="finetune_top",
                                      finetune_resolution=128, batch_size=32),
     # between the first default and the current one, and twice the current one (peta and cifar10
@@ -74,13 +74,13 @@ PORTFOLIO: dict[str, PipelineConfig] = {
 # their names and ids stay on record (the store's runs of them are named; `--pipelines NAME` still runs one).
 TRIED: dict[str, PipelineConfig] = {
     # EfficientNet-Lite2 in lite0's place (the strongest offline backbone of the three Lites): measured on
-    # DTD at stop 22, 0.9081 against lite0's 0.9198; retired
+    # DTD in 0.1.22, 0.9081 against lite0's 0.9198; retired
     "lite2-top-f128": single_stage(backbone="efficientnet_lite2", strategy="finetune_top",
                                      finetune_resolution=128, batch_size=32),
     # full fine-tuning (the whole network but its first 30% of blocks, on augmented images at the
     # working size from the data) after the same thumbnails and probe: the most of the network tuned
-    # on a CPU. Official kit on all 26 families at stop 22: ahead only on PneumoniaMNIST (0.9104 and
-    # 0.9127 against f96's 0.8675 in the same sitting), behind on most; retired. Stop 23's three medical
+    # on a CPU. Official kit on all 26 families in 0.1.22: ahead only on PneumoniaMNIST (0.9104 and
+    # 0.9127 against f96's 0.8675 in the same measuring batch), behind on most; retired. Version 0.1.23's three medical
     # families (brain MRI, knee X-rays, RetinaMNIST): behind f96 on each, so the lead is one set's
     "mnv2-full-ft": single_stage(strategy="finetune"),
 }

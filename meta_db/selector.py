@@ -51,7 +51,7 @@ Z_CLIP = 5.0  # standardised features are clipped here: absurd metadata cannot p
 MIN_FEATURE_STD = 0.25  # a feature (e.g. a flag) constant across the store must not blow up distances
 MIN_COVERAGE = 0.5  # a pipeline must have runs on this share of the (weighted) neighbours to be ranked
 # Run-to-run standard deviation of one run's ALC, when the store holds too few replicate runs to measure
-# it: stop 10's ten replicate pairs (T = 300 s, 2 CPUs) pooled to 0.0017; stop 13's store: median 0.0018.
+# it: 0.1.10's ten replicate pairs (T = 300 s, 2 CPUs) pooled to 0.0017; 0.1.13's store: median 0.0018.
 NOISE_SD_PRIOR = 0.002
 MIN_NOISE_DOF = 3  # replicate degrees of freedom needed before the store's own noise estimate is used
 # How strongly a dataset's own replicate variance is pulled toward the store's typical one: as if the
@@ -138,7 +138,7 @@ class Knowledge:
         """Per dataset: its run-to-run SD, from its own replicates shrunk toward `typical` (default
         `noise_sd()`, pass it when already computed) with NOISE_PRIOR_DOF pseudo-degrees of freedom.
 
-        Noise differs by dataset (stop 12: one pipeline's runs on pneumoniamnist spread over 0.03, on
+        Noise differs by dataset (0.1.12: one pipeline's runs on pneumoniamnist spread over 0.03, on
         the saturated sets by under 0.001); with one SD for all, a lead on a noisy neighbour counted
         as much as the same lead on a quiet one."""
         typical = self.noise_sd() if typical is None else typical
@@ -153,7 +153,7 @@ class Knowledge:
         corpus family counts once in a mean over them, whatever the number of its variants measured.
 
         Variants are derived from one corpus dataset, not new evidence: without this, a family given
-        four variants outvoted one given none in "best on average" (stop 12: the photo families' variants
+        four variants outvoted one given none in "best on average" (0.1.12: the photo families' variants
         made mnv2-top-f96 the incumbent, and the noise guard then kept it for pneumoniamnist).
         """
         families = np.asarray(self.families, dtype=object)
@@ -176,7 +176,7 @@ def best_fixed(knowledge: "Knowledge", candidates: set[str] | None = None) -> st
     Means are taken over the datasets every such pipeline was measured on, so that a pipeline run
     only on easy datasets does not look better than one also run on hard ones (falls back to each
     pipeline's own mean when no dataset is common to all). Coverage counts families, not datasets
-    (stop 13): counted in datasets, the variants measured with two pipelines made every pipeline
+    (0.1.13): counted in datasets, the variants measured with two pipelines made every pipeline
     measured on the corpus sets alone ineligible, and "best on average" became a contest of the two.
     """
     family_share = knowledge.family_weights()  # sums to the number of families

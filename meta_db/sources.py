@@ -1,7 +1,7 @@
 """Where a dataset of the store comes from, written so that any machine can resolve it.
 
 The store ships with the submission and is rebuilt elsewhere: a local folder path (as the store
-once held, `/work/runs/converted/cifar10`) means nothing there. The store keeps a reference instead:
+once held, `<runs dir>/converted/cifar10`) means nothing there. The store keeps a reference instead:
 the corpus dataset and its source repository at a commit, the parent of a variant, or the dataset's
 own name when nothing else is known.
 """

@@ -402,7 +402,7 @@ class Store:
         """Stop learning from the runs of these code versions (git commits or prefixes); returns how many
         runs that retires. Runs recorded later by a retired version are retired too.
 
-        Why: a solver change makes the older code's runs another solver's results (stop 12: re-measured
+        Why: a solver change makes the older code's runs another solver's results (0.1.12: re-measured
         with today's code, mnv2-top-lr16's cells moved by -0.001 to +0.015, as much as pipelines differ).
         """
         reason = _required_reason(reason, "a code version")

@@ -28,7 +28,7 @@ def _labels(n, k=3, seed=0):
 
 def _tf():
     """TensorFlow in eager mode, imported after torch and triton as the project requires (the reverse order
-    segfaults when a later test of the session loads triton)."""
+    segfaults when a later test of the same pytest run loads triton)."""
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("TensorFlow is not installed")
     tf = import_frameworks("eager")

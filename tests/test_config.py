@@ -23,7 +23,7 @@ def test_unknown_field_is_a_clear_error():
 
 
 def test_changed_defaults_keep_stored_ids():
-    """top_lr's default moved from 0.002 to 0.016 (stop 9), first_chunk_seconds' from 1.5 to 0.5 (stop 10):
+    """top_lr's default moved from 0.002 to 0.016 (0.1.9), first_chunk_seconds' from 1.5 to 0.5 (0.1.10):
     the ids measured in the store must keep their meaning, and the new default must get a new id."""
     from autodl_core.config import ID_BASELINE
 
@@ -62,11 +62,11 @@ def test_measured_members_keep_their_stored_ids():
     assert PORTFOLIO["mnv2-top-lr2"].pipeline_id() == "bf21a9e8fbc5"
     assert PORTFOLIO["mnv2-probe"].pipeline_id() == "8c0aed5ee340"
     assert PORTFOLIO["default"] == PipelineConfig(**SINGLE_STAGE) and PORTFOLIO["anytime"] == PipelineConfig()
-    # measured through the official kit at stop 20: their runs are stored under these ids
+    # measured through the official kit in 0.1.20: their runs are stored under these ids
     assert PORTFOLIO["mnv2-top-f128"].pipeline_id() == "0d7c2fc733cd"
     assert PORTFOLIO["mnv2-top-f160"].pipeline_id() == "ead968364336"
     assert PORTFOLIO["lite0-top-f128"].pipeline_id() == "c7ed095a66ed"
-    # measured at stop 22 and retired: outside the portfolio, their ids and names on record
+    # measured in 0.1.22 and retired: outside the portfolio, their ids and names on record
     from meta_db.portfolio import TRIED, name_of, resolve_pipelines
 
     assert TRIED["mnv2-full-ft"].pipeline_id() == "feebd12270ec"

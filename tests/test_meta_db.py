@@ -765,19 +765,19 @@ def test_batch_offsets_flag_a_sitting_that_sits_below_the_others(tmp_path):
         for i, name in enumerate(datasets):
             for config in (A, DEFAULT):
                 truth = 0.8 + 0.02 * i
-                run(name, config, truth + rng.normal(0, 0.003), "aaaa1111", 0)  # the reference sitting
+                run(name, config, truth + rng.normal(0, 0.003), "aaaa1111", 0)  # the reference batch
                 run(name, config, truth + rng.normal(0, 0.003), "bbbb2222", 1)  # noise only
                 run(name, config, truth - 0.05 + rng.normal(0, 0.003), "cccc3333", 2)  # a slow machine
         run("d0", A, 0.8, "dddd4444", 3)  # one run: too few to judge
         store.retire_code(["eeee"], "an old solver")
         run("d1", A, 0.1, "eeee5555", 4)  # retired: judged against the batches in use, never a reference
         store.record_run(RunRecord("d2", A.pipeline_id(), 300, "cpu2", "ok", alc=0.84, seed=9, code_version="ffff6666",
-                                   hardware_info={"machine_instance": "0a1b2c3d"}, finished_at="2026-12-09T10:00:00+00:00"))  # a sitting names its instance
+                                   hardware_info={"machine_instance": "0a1b2c3d"}, finished_at="2026-12-09T10:00:00+00:00"))  # a batch names its instance
     offsets = {o.code_version: o for o in batch_offsets(path, 300, "cpu2")}
     assert list(offsets)[:5] == ["aaaa1111", "bbbb2222", "cccc3333", "dddd4444", "eeee5555"]  # oldest first
     assert offsets["ffff6666@0a1b2c3d"].paired == 1
     slow, fine, single = offsets["cccc3333"], offsets["bbbb2222"], offsets["dddd4444"]
-    # the fit puts the typical sitting at 0 and the slow one 0.05 below (the others do not look high)
+    # the fit puts the typical batch at 0 and the slow one 0.05 below (the others do not look high)
     assert slow.paired == 12 and slow.offset == pytest.approx(-0.05, abs=0.005)
     assert fine.offset == pytest.approx(0.0, abs=0.005) and offsets["aaaa1111"].offset == pytest.approx(0.0, abs=0.005)
     assert slow.suspect(run_sd=0.005) and not fine.suspect(run_sd=0.005)

@@ -210,7 +210,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     done = {row_key(r) for r in load_results(results_path) if r.get("status") != "judge_failed"}
     kit_problem = kit_available(kit_run, kit_git)
     hardware = _hardware()
-    instance = machine_instance()  # which boot of which machine: sittings can differ (meta_db/batches.py)
+    instance = machine_instance()  # which boot of which machine: measuring batches can differ (meta_db/batches.py)
     # the code that ran: the solver's own folder (e.g. a snapshot given as --ours-dir), else this checkout
     versions = {s.name: code_version(s.code_dir if s.code_dir is not None else REPO_ROOT) for s in solvers}
 

@@ -2,7 +2,7 @@
 
 Why: on a 2-core machine ALC is decided in the first seconds, and anything else running moves it
 far beyond run-to-run noise, even at `nice 19`: a run of ours on mnist_t10k scored 0.9686 beside
-unit tests and 0.9860 alone (docs/history/benchmarks-lab-notes.md, stop 11). A bench row says how busy the machine
+unit tests and 0.9860 alone (docs/history/benchmarks-lab-notes.md, 0.1.11). A bench row says how busy the machine
 was with other work, so such a run is flagged instead of trusted.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
     tools corpus build [NAME ...] --mirrors DIR [--mirrors DIR2] [--out data/corpus] [--force]
 
 `--mirrors` (repeatable; or AUTODL_CORPUS_MIRRORS, folders separated by ':') are where the source repositories'
-git snapshots are (a `git clone --bare`, or a snapshot brought with the session's `fetch`). Built
+git snapshots are (a `git clone --bare`, or another bare copy of the repository). Built
 datasets go to `--out` (default `data/corpus`, outside git); `tools convert data/corpus/<name>`
 makes an AutoDL dataset of one.
 """
