@@ -5,9 +5,9 @@
 
 Solvers: `ours` (the repo root's model.py), `kit:<baseline>` (a baseline of the
 official kit, e.g. kit:linear = AutoDL_simple_baseline_models/linear, always run
-by the kit itself through kit_run), or a folder holding a model.py (`name=DIR`
+by the kit itself through tools/kit/run.py), or a folder holding a model.py (`name=DIR`
 or just `DIR`). `--judge kit` (the official judge for the benchmark table) runs
-every solver through kit_run; `--judge local` runs the non-kit solvers with
+every solver through the kit's runner; `--judge local` runs the non-kit solvers with
 `tools run`. Runs never overlap (timing). Each result is appended to
 OUT/results.jsonl as soon as it finishes, and rows already there (same solver,
 dataset, budget, judge, TF mode) are skipped, so an interrupted bench resumes.
@@ -350,10 +350,12 @@ def register(subparsers) -> None:
     parser.add_argument("--time-budget", type=float, default=300.0, help="T in seconds (default 300)")
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, results.md, alc.png, runs/)")
     parser.add_argument("--judge", choices=("kit", "local"), default="kit",
-                        help="kit (default; the official judge, via kit_run) or local (tools run)")
+                        help="kit (default; the official judge, via tools/kit/run.py) or local "
+                             "(tools run)")
     parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
     parser.add_argument("--kit-run", default=default_kit_run(),
-                        help="path of kit_run (default $AUTODL_KIT_RUN, else ../shared/tools/kit_run beside the repo)")
+                        help="the kit's runner (default $AUTODL_KIT_RUN, else the repository's "
+                             "tools/kit/run.py)")
     parser.add_argument("--kit", default=os.environ.get("AUTODL_KIT_GIT"),
                         help="starting-kit git dir (default $AUTODL_KIT_GIT)")
     parser.add_argument("--ours-dir", default=str(REPO_ROOT), help="folder of `ours` model.py (default: repo root)")

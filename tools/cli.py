@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "speed": "tools.speed",
     "frozen-probe": "tools.frozen_probe",
     "split-check": "tools.split_check",
+    "kit": "tools.kit.command",
 }
 
 

@@ -7,9 +7,9 @@ pipelines can choose (model.py points $AUTODL_WEIGHTS_DIR there); vendor/ with p
 (model.py puts it on sys.path); and MANIFEST.json saying what went in. A zip over --max-mb is refused
 (exit 2, nothing left behind), since the platform rejects oversized submissions.
 
-`--verify DATASET` then unpacks the zip and runs it through the official kit (`kit_run`) in an
-environment where the pip weight packages, huggingface_hub and safetensors cannot be imported, and
-checks that timm and our packages were imported from the unpacked copy.
+`--verify DATASET` then unpacks the zip and runs it through the official kit (tools/kit/run.py, as
+`tools kit` does) in an environment where the pip weight packages, huggingface_hub and safetensors
+cannot be imported, and checks that timm and our packages were imported from the unpacked copy.
 """
 from __future__ import annotations
 
@@ -454,8 +454,8 @@ def register(subparsers) -> None:
     parser.add_argument("--half", action="store_true",
                         help="store weights as float16 (half the size; pooled features change by ~1e-2 relative)")
     parser.add_argument("--verify", metavar="DATASET",
-                        help="then run the unpacked zip through kit_run on DATASET (e.g. kit:miniciao), hiding "
-                             "the weight packages, and check it only used its own files")
+                        help="then run the unpacked zip through the official kit (tools/kit/run.py) on DATASET "
+                             "(e.g. kit:miniciao), hiding the weight packages, and check it only used its own files")
     parser.add_argument("--verify-budget", type=float, default=60.0, help="time budget of the --verify run (s)")
     parser.add_argument("--verify-dir", help="work folder of the --verify run (default: a new temporary folder)")
     parser.set_defaults(func=run)

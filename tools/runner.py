@@ -305,7 +305,7 @@ def _fmt_opt(value):
 
 
 def final_line(result: dict) -> str:
-    """The one-line summary, in kit_run's format plus the time to the first prediction."""
+    """The one-line summary, in the kit runner's format plus the time to the first prediction."""
     nauc = result["final_nauc"] if result["final_nauc"] is not None else 0.0
     first = result["time_to_first_prediction"]
     first_txt = "none" if first is None else f"{first:.2f}"

@@ -1,7 +1,8 @@
 """Where the project's shared folder and the official kit's runner are, without machine-specific paths.
 
-The shared folder (dev corpus, kit_run) lies beside the checkout as `../shared`; AUTODL_SHARED
-overrides it, AUTODL_KIT_RUN overrides the kit_run path.
+The shared folder (dev corpus, kit samples) lies beside the checkout as `../shared`; AUTODL_SHARED
+overrides it. The kit's runner is the repository's own tools/kit/run.py; AUTODL_KIT_RUN overrides it
+(another runner with the same command line).
 """
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ def shared_dir() -> Path:
     return Path(os.environ.get("AUTODL_SHARED", REPO_ROOT.parent / "shared"))
 
 
+KIT_RUN = REPO_ROOT / "tools" / "kit" / "run.py"
+
+
 def default_kit_run() -> str:
-    return os.environ.get("AUTODL_KIT_RUN", str(shared_dir() / "tools" / "kit_run"))
+    """The runner `tools bench`, `tools faults` and `tools package --verify` start as `python RUNNER ...`."""
+    return os.environ.get("AUTODL_KIT_RUN", str(KIT_RUN))
 
 
 def kit_samples_dir() -> Path:

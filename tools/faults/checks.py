@@ -5,8 +5,8 @@
 - no solver call that ends more than `MAX_OVERRUN_S` past the deadline it was given, or past its own
   start when that deadline had already passed (the solver logs each call's time left against its
   deadline: "train call 3 (probe) took 2.1s; remaining 14.0s");
-- the kit's ingestion ended by itself, its end.txt saying success (kit_run's status "ok": no crash,
-  not killed at T; kit_run may still stop an interpreter slow to shut down after that);
+- the kit's ingestion ended by itself, its end.txt saying success (the kit runner's status "ok": no crash,
+  not killed at T; the runner may still stop an interpreter slow to shut down after that);
 - peak memory within the solver's data cap plus the frameworks' allowance.
 """
 from __future__ import annotations

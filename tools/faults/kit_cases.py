@@ -196,7 +196,7 @@ def build_multilabel_empty_rows(out: Path, name: str) -> Path:
 
 # The two degenerate label cases below keep their test labels scorable: the kit's scoring program
 # crashes on a solution whose every label column is constant (`reduce() of empty iterable` in
-# libscores), and kit_run then stops the ingestion, so no run could be judged.
+# libscores), and the kit's runner then stops the ingestion, so no run could be judged.
 def build_labels_all_ones(out: Path, name: str) -> Path:
     """Four labels; every training example carries all of them (test rows: random)."""
     return _multilabel(out, name, 4, lambda rng, n: np.ones((n, 4), np.uint8),

@@ -3,8 +3,8 @@
     tools faults --out OUT [--cases NAME|CATEGORY ...] [--kit-only | --tools-only]
                  [--cifar10 DIR] [--corpus DIR] [--kit-run PATH] [--kit GITDIR]
 
-Kit cases run one after another through the official kit (`kit_run`; CPU-bound neighbours, when a
-case asks for them, run beside it). Tool cases run `python -m tools ...` on hostile files. Each
+Kit cases run one after another through the official kit (tools/kit/run.py; CPU-bound neighbours,
+when a case asks for them, run beside it). Tool cases run `python -m tools ...` on hostile files. Each
 result is appended to OUT/results.jsonl as soon as it is known (a case already there is skipped:
 an interrupted suite resumes); OUT/results.md holds the tables for docs/reliability.md. Exit
 status 1 when any promise is broken.
@@ -286,6 +286,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cifar10", help="cifar10 already converted to the AutoDL format (else converted from "
                                           "--corpus)")
     parser.add_argument("--corpus", default=str(shared_dir() / "datasets"), help="dev corpus (default ../shared/datasets)")
-    parser.add_argument("--kit-run", default=default_kit_run(), help="path of kit_run")
+    parser.add_argument("--kit-run", default=default_kit_run(),
+                        help="the kit's runner (default $AUTODL_KIT_RUN, else tools/kit/run.py)")
     parser.add_argument("--kit", default=os.environ.get("AUTODL_KIT_GIT"), help="starting-kit git dir")
     parser.set_defaults(func=_cli)
