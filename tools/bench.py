@@ -351,7 +351,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, results.md, alc.png, runs/)")
     parser.add_argument("--judge", choices=("kit", "local"), default="kit",
                         help="kit (default; the official judge, via kit_run) or local (tools run)")
-    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
+    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph",
+                        help="TensorFlow mode of the ingestion: graph (default; TF1 semantics, as the challenge "
+                             "platform runs the kit) or eager (TF2)")
     parser.add_argument("--kit-run", default=default_kit_run(),
                         help="path of kit_run (default $AUTODL_KIT_RUN, else ../shared/tools/kit_run beside the repo)")
     parser.add_argument("--kit", default=os.environ.get("AUTODL_KIT_GIT"),
