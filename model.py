@@ -27,8 +27,24 @@ except Exception:  # pragma: no cover - CPU-only builds without dynamo
 
 from autodl_core.solver import Solver  # noqa: E402
 
-logging.basicConfig(level=os.environ.get("AUTODL_LOG_LEVEL", "INFO"),
-                    format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+
+def _configure_logging() -> None:
+    """Our log lines on stderr (the kit writes its ingestion's stderr into the run's log) at AUTODL_LOG_LEVEL
+    (default INFO), through a handler on the project's own loggers: the host program's root logger, its
+    level and handlers, are left alone. Importing model.py twice adds no second handler."""
+    level = os.environ.get("AUTODL_LOG_LEVEL", "INFO").upper()
+    for name in ("autodl_core", "meta_db", "model"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_autodl_handler", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+            handler._autodl_handler = True
+            logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False  # one line per message, also where the host has configured the root logger
+
+
+_configure_logging()
 
 
 class Model:

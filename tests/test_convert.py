@@ -200,3 +200,42 @@ def test_split_indices_stratified_and_seeded():
     np.testing.assert_array_equal(mask, split_indices(labels, 0.2, seed=5))
     with pytest.raises(UserInputError):
         split_indices(labels, 1.5, seed=0)
+
+
+def test_one_class_folder_refused(tmp_path, capsys):
+    make_folder(tmp_path / "photos", {"cats": 4}, np.random.default_rng(4))
+    assert run_cli(tmp_path / "photos", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "only one class folder (cats)" in err and "two classes" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_file_named_npz_is_not_an_archive(tmp_path, capsys):
+    (tmp_path / "a.npz").write_text("x,y\n1,2\n")
+    assert run_cli(tmp_path / "a.npz", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "not a numpy .npz archive" in err and "pickle" not in err
+
+
+def test_existing_output_names_the_overwrite_flag(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 3, 3), np.uint8), y=np.arange(6) % 2)
+    (tmp_path / "out" / "d").mkdir(parents=True)
+    assert run_cli(tmp_path / "d.npz", "--out", tmp_path / "out") == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_without_tensorflow_a_clear_error(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # what an install without the [kit] extra sees
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 3, 3), np.uint8), y=np.arange(6) % 2)
+    assert run_cli(tmp_path / "d.npz", "--out", tmp_path / "out") == 2
+    assert "this command needs TensorFlow: pip install 'autodl-solver[kit]'" in capsys.readouterr().err
+
+
+def test_unknown_flag_prints_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["convert", "photos", "--out", "data", "--nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: tools convert" in err and "tools convert: error: unrecognized arguments: --nope" in err

@@ -789,3 +789,20 @@ def test_batch_offsets_flag_a_sitting_that_sits_below_the_others(tmp_path):
     assert "| cccc3333 | 12 |" in table and "| -0.05" in table and "**suspect**" in table
     assert table.count("**suspect**") == 1 and "| eeee5555 | 1 |" in table and "| retired |" in table
     assert "## Measuring batches" in evaluate_store(path, time_budget=300, hardware="cpu2")[1]
+
+
+def test_list_portfolio_marks_retired_pipelines(tmp_path, capsys):
+    from tools.cli import main
+
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        add_gray_and_color(store)
+        store.record_run(RunRecord("gray", A.pipeline_id(), 300, "cpu2", "ok", alc=0.9))
+        store.retire_pipelines([A.pipeline_id()], "never wins")
+    assert main(["meta-train", "--list-portfolio", "--store", str(path)]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(PORTFOLIO)
+    assert lines["mnv2-top-r32"].endswith("(retired) never wins")
+    assert "(retired)" not in lines["default"]
+    assert main(["meta-train", "--list-portfolio", "--store", str(tmp_path / "none.sqlite")]) == 0  # no store: none
+    assert "(retired)" not in capsys.readouterr().out

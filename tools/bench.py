@@ -352,7 +352,9 @@ def register(subparsers) -> None:
     parser.add_argument("--judge", choices=("kit", "local"), default="kit",
                         help="kit (default; the official judge, via tools/kit/run.py) or local "
                              "(tools run)")
-    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
+    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph",
+                        help="TensorFlow mode of the ingestion: graph (default; TF1 semantics, as the challenge "
+                             "platform runs the kit) or eager (TF2)")
     parser.add_argument("--kit-run", default=default_kit_run(),
                         help="the kit's runner (default $AUTODL_KIT_RUN, else the repository's "
                              "tools/kit/run.py)")

@@ -46,6 +46,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 raise
             continue  # subcommand not built yet
         module.register(sub)
+    parser.subcommand_parsers = sub.choices  # main: a subcommand's own parser reports its unknown arguments
     return parser
 
 
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     only = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse hands a subcommand's unknown arguments up: report them with that subcommand's usage
+        command_parser = parser.subcommand_parsers.get(getattr(args, "command", None) or "", parser)
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

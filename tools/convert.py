@@ -21,6 +21,7 @@ import numpy as np
 from autodl_core.arrays import corpus_origin
 from autodl_core.autodl_format import BadImageError, WriteReport, write_autodl_dataset
 from tools.errors import UserInputError
+from tools.tf_support import import_tensorflow, require_tensorflow
 
 KINDS = ("corpus", "npz", "folder", "csv")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -142,6 +143,7 @@ def load_npz(path: Path, kind: str, args) -> Source:
         if not info_path.is_file():
             raise UserInputError(f"corpus dataset without info.json: {info_path}")
         info = json.loads(info_path.read_text())
+    _check_npz_archive(npz_path)
     try:
         data = np.load(npz_path, allow_pickle=False)
     except Exception as exc:
@@ -158,6 +160,21 @@ def load_npz(path: Path, kind: str, args) -> Source:
             raise UserInputError(f"{npz_path}: {exc}") from None
         except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a truncated or corrupt member
             raise UserInputError(f"{npz_path}: cannot read ({exc})") from None
+
+
+def _check_npz_archive(npz_path: Path) -> None:
+    """A .npz is a zip archive of .npy arrays (np.savez): anything else is refused here, before numpy
+    mistakes it for a pickle (its error then talks about allow_pickle)."""
+    try:
+        with open(npz_path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UserInputError(f"{npz_path}: cannot read ({exc.strerror or exc})") from None
+    if head[:2] != b"PK":
+        what = "an empty file" if not head else ("a single .npy array" if head.startswith(b"\x93NUM")
+                                                 else "not a zip archive")
+        raise UserInputError(f"{npz_path}: not a numpy .npz archive ({what}; write one with np.savez or "
+                             "np.savez_compressed)")
 
 
 def _npz_source(npz_path: Path, data, info: dict, kind: str, args) -> Source:
@@ -257,6 +274,9 @@ def load_folder(path: Path, args) -> Source:
         y = [i for i, c in enumerate(class_names) for _ in classes[c]]
         is_test = None
         missing = []
+    if len(class_names) == 1:
+        raise UserInputError(f"{path}: only one class folder ({class_names[0]}); a classifier needs at least two "
+                             "classes: one sub-folder per class, side by side (e.g. photos/cats/, photos/dogs/)")
     if not files:
         raise UserInputError(f"no image files found under {path} (extensions: {', '.join(sorted(IMAGE_SUFFIXES))})")
     present = {class_names[i] for i in y}
@@ -419,6 +439,7 @@ LOADERS: dict[str, Callable] = {
 
 
 def convert(args) -> int:
+    require_tensorflow("tools convert writes TFRecords with it")
     source_path = Path(args.source)
     kind = args.kind or detect_kind(source_path)
     if not source_path.exists():
@@ -426,6 +447,10 @@ def convert(args) -> int:
     started = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (imported to write) is chatty on stderr
     source = LOADERS[kind](source_path, args)
+    final = Path(args.out) / source.name
+    if final.exists() and not args.overwrite:
+        raise UserInputError(f"{final} already exists (remove it or pass --overwrite)")
+    import_tensorflow()  # here, quietly: write_autodl_dataset imports it too, and would print its start-up lines
     progress = _Progress(len(source.train), len(source.test)) if not args.quiet else None
     try:
         report = write_autodl_dataset(args.out, source.name, source.train, source.test, source.output_dim,

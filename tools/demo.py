@@ -10,7 +10,6 @@ learning curve and the report are.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from tools.errors import UserInputError
 from tools.shared_paths import REPO_ROOT
+from tools.tf_support import import_tensorflow, require_tensorflow
 
 DATASET_NAME = "digits"
 TEST_FRACTION = 0.2
@@ -50,12 +50,14 @@ def build_digits_dataset(data_root: Path) -> Path:
             return dataset_dir
         except UserInputError:
             pass  # incomplete or foreign: rebuild
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the demo
     try:  # the writer imports TensorFlow here; torch/triton must come first (segfault otherwise)
         import torch  # noqa: F401
         import torch._dynamo  # noqa: F401
     except ImportError:
         pass
+    # TensorFlow's start-up lines kept out of the demo's output; the environment is left as it is, so the
+    # ingestion child (tools run's) logs as under the kit
+    import_tensorflow()
     train, test = digits_examples()
     write_autodl_dataset(data_root, DATASET_NAME, train, test, output_dim=10,
                          class_names=[str(d) for d in range(10)], overwrite=True,
@@ -68,6 +70,7 @@ def run_demo(out_dir, time_budget: float = 60.0, code_dir=None, tf_mode: str = "
              progress: bool = True) -> dict:
     from tools.runner import run_local
 
+    require_tensorflow("the demo writes TFRecords and runs the kit's ingestion loop")
     out = Path(out_dir)
     code_dir = Path(code_dir) if code_dir else REPO_ROOT
     if not (code_dir / "model.py").is_file():
@@ -96,8 +99,11 @@ def register(subparsers) -> None:
     parser.add_argument("--time-budget", type=float, default=60.0, help="T in seconds (default 60)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--code-dir", default=None, help="folder with model.py (default: the repo root)")
-    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph",
+                        help="TensorFlow mode of the ingestion: graph (default; TF1 semantics, as the challenge "
+                             "platform runs the kit) or eager (TF2)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress display (the final lines are printed all the same)")
     parser.set_defaults(func=_cli)
 
 

@@ -720,18 +720,41 @@ def write_lodo_stores(store_path, out_dir, k: int = 5, method: str | None = None
     return written
 
 
+def list_portfolio(store_path, log=print) -> int:
+    """`--list-portfolio`: id and name of each portfolio pipeline, "(retired)" where the store retired it
+    (the selector no longer chooses it; `--restore-pipeline` undoes that)."""
+    import sqlite3
+
+    from meta_db.portfolio import PORTFOLIO
+    from meta_db.store import Store, StoreVersionError
+
+    retired = {}
+    if Path(store_path).is_file():
+        try:
+            with Store(store_path, readonly=True) as store:
+                retired = store.retired_pipelines()
+        except (StoreVersionError, sqlite3.Error) as exc:
+            log(f"note: retired pipelines not shown ({exc})")
+    for name, config in PORTFOLIO.items():
+        pipeline_id = config.pipeline_id()
+        reason = retired.get(pipeline_id, "")
+        reason = reason if len(reason) <= 80 else reason[:77].rstrip() + "..."
+        mark = f"  (retired) {reason}" if pipeline_id in retired else ""
+        log(f"{pipeline_id}  {name}{mark}".rstrip())
+    return 0
+
+
 def _cli(args) -> int:
     from meta_db.store import DEFAULT_STORE_PATH
 
     store_path = Path(args.store or DEFAULT_STORE_PATH)
     if args.list_portfolio:
-        from meta_db.portfolio import PORTFOLIO
-
-        for name, config in PORTFOLIO.items():
-            print(f"{config.pipeline_id()}  {name}")
-        return 0
+        return list_portfolio(store_path)
     if args.make_variants:
         from meta_db.variants import make_variants, parse_spec
+        from tools.tf_support import require_tensorflow
+
+        require_tensorflow("variants are AutoDL datasets, read and written with it")
 
         if not args.variants_out:
             raise UserInputError("--make-variants needs --variants-out DIR")
@@ -746,6 +769,10 @@ def _cli(args) -> int:
         print(f"{n} bench-npz run(s) stored in {store_path} (seed {args.seed})")
         return 0
     if args.import_bench:
+        if not args.no_data_features:
+            from tools.tf_support import require_tensorflow
+
+            require_tensorflow("the data meta-features read the datasets' TFRecords; or pass --no-data-features")
         n = import_bench(args.import_bench, store_path, with_data_features=not args.no_data_features,
                          landmark_backbone=None if args.no_data_features else args.landmark_backbone,
                          seed=args.seed)
@@ -800,6 +827,10 @@ def _cli(args) -> int:
     if not args.datasets or args.time_budget is None:
         raise UserInputError("meta-training needs --datasets DIR... and --time-budget T "
                              "(or one of --evaluate, --sync, --status, --make-variants, --list-portfolio)")
+    if args.runner == DEFAULT_RUNNER or not args.no_data_features:
+        from tools.tf_support import require_tensorflow
+
+        require_tensorflow("meta-training runs the kit's ingestion loop on AutoDL datasets")
     from meta_db.metafeatures import hardware_profile
 
     hardware = hardware_profile(measure_backbone=None if args.no_throughput else "mobilenetv2_100")
@@ -855,7 +886,9 @@ def register(subparsers) -> None:
     parser.add_argument("--study", default=DEFAULT_STUDY, help="Optuna study name (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="run folders, default storage (default %(default)s)")
-    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph")
+    parser.add_argument("--tf-mode", choices=("graph", "eager"), default="graph",
+                        help="TensorFlow mode of the ingestion: graph (default; TF1 semantics, as the challenge "
+                             "platform runs the kit) or eager (TF2)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed recorded with the runs (AUTODL_SEED); with --import-bench, a replicate's seed "
                              "(importing under the same seed replaces the run)")

@@ -426,6 +426,10 @@ def print_verification(result: VerifyResult) -> None:
 # --------------------------------------------------------------------------- CLI
 def run(args: argparse.Namespace) -> int:
     vendor = [] if args.no_vendor else list(args.vendor or DEFAULT_VENDOR)
+    if args.verify and not os.environ.get("KIT_PYTHON"):  # the kit runs under this interpreter
+        from tools.tf_support import require_tensorflow
+
+        require_tensorflow("--verify runs the official kit under this Python; or set KIT_PYTHON to one that has it")
     result = build_submission(args.out, backbones=args.backbones, vendor=vendor, max_mb=args.max_mb,
                               half=args.half)
     if args.verify:

@@ -314,6 +314,9 @@ def final_line(result: dict) -> str:
 
 
 def _cli(args) -> int:
+    from tools.tf_support import require_tensorflow
+
+    require_tensorflow("the ingestion reads the dataset's TFRecords with it")
     result = run_local(args.code_dir, args.dataset_dir, args.time_budget, args.out, tf_mode=args.tf_mode,
                        init_limit=args.init_limit, progress=not args.no_progress)
     print(f"status: {result['status']}", file=sys.stderr)

@@ -263,6 +263,9 @@ def run_suite(out: Path, names: list[str] | None, kit: bool, tools: bool, cifar1
 
 
 def _cli(args) -> int:
+    from tools.tf_support import require_tensorflow
+
+    require_tensorflow("the cases are AutoDL datasets, written and read with it")
     names = list(args.cases or [])
     rows = run_suite(Path(args.out), names or None, kit=not args.tools_only, tools=not args.kit_only,
                      cifar10=Path(args.cifar10) if args.cifar10 else None, corpus=Path(args.corpus),
