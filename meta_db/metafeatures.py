@@ -254,7 +254,7 @@ def read_first_chunk(dataset_dir, max_examples: int = 1000, side: int = 64) -> t
     """
     from PIL import Image
 
-    from autodl_core.autodl_format import AutoDLDataset, find_task
+    from autodl_data.autodl_format import AutoDLDataset, find_task
 
     task = find_task(dataset_dir, check_solution=False)
     dataset = AutoDLDataset(str(task.train_dir)).get_dataset().take(max_examples)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from autodl_core.autodl_format import conversion_record
 from meta_db.variants import PARENT_KEY
 
 LOCAL_PATH = re.compile(r"(^|[\s(\[\"'])(/|~/|[A-Za-z]:[\\/])")  # /abs, ~/home, C:\ or C:/ after a space or bracket
@@ -28,6 +27,8 @@ def corpus_reference(origin: dict) -> str:
 
 def portable_source(dataset_dir: str | Path, name: str) -> str:
     """The store's `source` of the AutoDL dataset in `dataset_dir` (named `name`): never a local path."""
+    from autodl_data.autodl_format import conversion_record  # here: the submission ships meta_db, not autodl_data
+
     record = conversion_record(dataset_dir)
     if record.get(PARENT_KEY):
         return f"variant of {record[PARENT_KEY]}"

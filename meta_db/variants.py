@@ -117,7 +117,7 @@ def _load_npz(npz: Path) -> Source:
 
 
 def _load_autodl(path: Path) -> Source:
-    from autodl_core.autodl_format import AutoDLDataset, find_task, read_solution
+    from autodl_data.autodl_format import AutoDLDataset, find_task, read_solution
 
     task = find_task(path)
     conversion = path / f"{task.name}_conversion.json"
@@ -189,7 +189,7 @@ def _transform(image, spec: VariantSpec):
 def derive_variant(source: Source, spec: VariantSpec, out_dir: str | Path, name: str | None = None,
                    overwrite: bool = False):
     """Write one variant of `source` as an AutoDL dataset under `out_dir`; returns the WriteReport."""
-    from autodl_core.autodl_format import write_autodl_dataset
+    from autodl_data.autodl_format import write_autodl_dataset
 
     indices, columns = _select(source, spec)
     name = name or f"{source.name}__{spec.tag()}"
@@ -290,7 +290,7 @@ def make_variants(sources: list[str | Path], out_dir: str | Path, per_dataset: i
 
 def parent_of(dataset_dir: str | Path) -> tuple[str | None, str | None, dict | None]:
     """(parent, family, derivation) recorded in an AutoDL dataset's conversion JSON; Nones for an original."""
-    from autodl_core.autodl_format import conversion_record
+    from autodl_data.autodl_format import conversion_record
 
     info = conversion_record(dataset_dir)
     if info.get(PARENT_KEY):

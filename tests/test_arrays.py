@@ -1,4 +1,5 @@
-"""autodl_core.arrays (in-memory datasets) against autodl_core.tfreader, and the readers dispatch.
+"""autodl_core.arrays (in-memory datasets) against autodl_core.tfreader, and the readers dispatch; corpus
+folders read into them (autodl_data.corpus_npz).
 
 The equivalence tests build the kit's view of the same images (tf.data, eager, (1, H, W, C) float32
 in [0, 1]) and check that both readers give the same uint8 arrays: exactly at the native size,
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from autodl_core import arrays, readers, tfreader
+from autodl_data import corpus_npz
 from tools.ingestion import import_frameworks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,13 +169,13 @@ def test_variable_size_matches_tfreader():
 def test_corpus_order_matches_tools_convert(tmp_path):
     """The kit reads what `tools convert` wrote in the order load_corpus_npz gives (and the same pixels)."""
     _tf()
-    from autodl_core.autodl_format import AutoDLDataset, find_task, read_solution
+    from autodl_data.autodl_format import AutoDLDataset, find_task, read_solution
     from tools.convert import convert
 
     folder = _corpus(tmp_path, "encoded", n=40)
     convert(_convert_args(folder, tmp_path / "kit"))
     task = find_task(tmp_path / "kit" / "toy")
-    train, test, _ = arrays.load_corpus_npz(folder)
+    train, test, _ = corpus_npz.load_corpus_npz(folder)
     for ours, split_dir in ((train, task.train_dir), (test, task.test_dir)):
         _, xa, ya, _ = _read_all(ours, (10, 12))  # sizes vary: resized, so within one grey level
         _, xk, yk, _ = _read_all(AutoDLDataset(split_dir).get_dataset(), (10, 12))
@@ -273,13 +275,13 @@ def _corpus(tmp_path, layout, n=12, name="toy"):
 
 def test_load_corpus_x_layout(tmp_path):
     folder = _corpus(tmp_path, "x")
-    train, test, info = arrays.load_corpus_npz(folder)
+    train, test, info = corpus_npz.load_corpus_npz(folder)
     z = np.load(folder / "data.npz")
     np.testing.assert_array_equal(train.images, z["x"][~z["is_test"]])  # source order kept
     np.testing.assert_array_equal(test.labels, z["y"][z["is_test"]])
     assert (info["name"], info["n_train"], info["n_test"], info["class_names"]) == ("toy", 9, 3, ["a", "b", "c"])
-    shuffled, test2, _ = arrays.load_corpus_npz(folder, shuffle_seed=5)
-    again, _, _ = arrays.load_corpus_npz(folder, shuffle_seed=5)
+    shuffled, test2, _ = corpus_npz.load_corpus_npz(folder, shuffle_seed=5)
+    again, _, _ = corpus_npz.load_corpus_npz(folder, shuffle_seed=5)
     np.testing.assert_array_equal(shuffled.images, again.images)
     assert not np.array_equal(shuffled.images, train.images)
     assert sorted(map(bytes, shuffled.images)) == sorted(map(bytes, train.images))
@@ -288,17 +290,17 @@ def test_load_corpus_x_layout(tmp_path):
 
 def test_load_corpus_encoded_layout(tmp_path):
     folder = _corpus(tmp_path, "encoded")
-    train, test, _ = arrays.load_corpus_npz(folder)
+    train, test, _ = corpus_npz.load_corpus_npz(folder)
     assert not train.fixed_size and train.channels == test.channels == 3
     grey = train.images[1]  # the grey PNG, replicated to RGB as the kit decodes it in a colour dataset
     assert np.array_equal(grey[:, :, 0], grey[:, :, 2])
     assert arrays.ArrayMetadata(train).get_matrix_size(0) == (-1, 5)
-    assert arrays.GRAY_MODES == __import__("autodl_core.autodl_format", fromlist=["_GRAY_MODES"])._GRAY_MODES
+    assert corpus_npz.GRAY_MODES == __import__("autodl_data.autodl_format", fromlist=["_GRAY_MODES"])._GRAY_MODES
 
 
 def test_load_corpus_errors(tmp_path):
     with pytest.raises(ValueError, match="no data.npz"):
-        arrays.load_corpus_npz(tmp_path)
+        corpus_npz.load_corpus_npz(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
     path = bad / "data.npz"
@@ -316,8 +318,8 @@ def test_load_corpus_errors(tmp_path):
     for arrays_in, message in cases:
         np.savez(path, **arrays_in)
         with pytest.raises(ValueError, match=message) as caught:
-            arrays.load_corpus_npz(bad)
+            corpus_npz.load_corpus_npz(bad)
         assert str(path) in str(caught.value)
     path.write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match=str(path)):
-        arrays.load_corpus_npz(bad)
+        corpus_npz.load_corpus_npz(bad)

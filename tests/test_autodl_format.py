@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autodl_core.autodl_format import (AutoDLDataset, AutoDLMetadata, find_task, parse_metadata, parse_metadata_text,
+from autodl_data.autodl_format import (AutoDLDataset, AutoDLMetadata, find_task, parse_metadata, parse_metadata_text,
                                  read_solution)
 from tools.errors import UserInputError
 from tools.shared_paths import kit_samples_dir
@@ -292,7 +292,7 @@ import json, sys
 import numpy as np
 import tensorflow as tf
 tf.compat.v1.disable_v2_behavior()
-from autodl_core.autodl_format import AutoDLDataset
+from autodl_data.autodl_format import AutoDLDataset
 result = {}
 for split_dir in sys.argv[1:]:
     dataset = AutoDLDataset(split_dir).get_dataset()
@@ -322,7 +322,7 @@ def run_graph_mode(*split_dirs) -> dict:
 
 # ---------------------------------------------------------------- writing, read back with the kit semantics
 
-from autodl_core.autodl_format import WriteReport, metadata_text, prepare_image, write_autodl_dataset  # noqa: E402
+from autodl_data.autodl_format import WriteReport, metadata_text, prepare_image, write_autodl_dataset  # noqa: E402
 
 
 def encode(array, fmt="PNG", **kwargs) -> bytes:

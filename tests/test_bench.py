@@ -106,7 +106,7 @@ def test_kit_judge_reports_alc_and_peak_memory(tmp_path, dataset):
     assert row["time_to_first_prediction"] == row["timestamps"][0] > 0
     assert row["peak_rss_bytes"] > 100e6  # the kit's ingestion process with TensorFlow
     # the judge's ALC is the one our scorer computes on the same prediction folder
-    from autodl_core.autodl_format import find_task
+    from autodl_data.autodl_format import find_task
     from tools.scoring import score_prediction_dir
 
     ours = score_prediction_dir(find_task(dataset).solution_path, Path(row["out_dir"]) / "predictions")

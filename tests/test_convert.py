@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from autodl_core.autodl_format import AutoDLDataset, AutoDLMetadata, find_task, read_solution
+from autodl_data.autodl_format import AutoDLDataset, AutoDLMetadata, find_task, read_solution
 from tools.cli import main as cli_main
 from tools.convert import detect_kind, split_indices, subsample
 from tools.errors import UserInputError

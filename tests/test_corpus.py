@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autodl_core.arrays import load_corpus_npz
+from autodl_data.corpus_npz import load_corpus_npz
 from tools.cli import main as tools_main
 from tools.corpus.build import build_dataset, encode_image, subsample_rows
 from tools.corpus.git_tree import GitTree, find_git_dir

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch._dynamo  # noqa: E402,F401  (triton before TensorFlow: the other order segfaults)
 
-from autodl_core.autodl_format import AutoDLMetadata, check_tfrecord_framing, find_task, read_solution
+from autodl_data.autodl_format import AutoDLMetadata, check_tfrecord_framing, find_task, read_solution
 from tools.errors import UserInputError
 from tools.faults import checks, kit_cases, suite, tool_cases
 
@@ -104,7 +104,7 @@ def test_one_example_classes_and_absent_classes_builders(tmp_path):
 
 
 def test_dense_builder_keeps_channels_and_values(tmp_path):
-    from autodl_core.autodl_format import AutoDLDataset
+    from autodl_data.autodl_format import AutoDLDataset
 
     task = find_task(kit_cases.build_values_beyond_255(tmp_path, "wild"))
     meta = AutoDLMetadata(task.train_dir)
@@ -118,7 +118,7 @@ def test_dense_builder_keeps_channels_and_values(tmp_path):
 
 
 def test_multilabel_builders_rows(tmp_path):
-    from autodl_core.autodl_format import AutoDLDataset
+    from autodl_data.autodl_format import AutoDLDataset
 
     task = find_task(kit_cases.build_multilabel_empty_rows(tmp_path, "ml"))
     solution = read_solution(task.solution_path)

@@ -15,10 +15,11 @@ import pytest
 
 pretrained = pytest.importorskip("pretrained")
 
-from autodl_core.arrays import ArrayMetadata, load_corpus_npz  # noqa: E402
+from autodl_core.arrays import ArrayMetadata  # noqa: E402
 from autodl_core.config import PipelineConfig  # noqa: E402
 from autodl_core.metrics import nauc  # noqa: E402
 from autodl_core.solver import Solver  # noqa: E402
+from autodl_data.corpus_npz import load_corpus_npz  # noqa: E402
 from tools.shared_paths import shared_dir  # noqa: E402
 
 DATASET = shared_dir() / "datasets" / "sign_language_digits"

@@ -22,7 +22,7 @@ from tools.kit.errors import KitRunError
 from tools.shared_paths import REPO_ROOT, default_kit_run
 
 SHIM = REPO_ROOT / "tools" / "kit" / "shim"
-PROJECT_PACKAGES = {"tools", "autodl_core", "meta_db", "pretrained"}
+PROJECT_PACKAGES = {"tools", "autodl_core", "autodl_data", "meta_db", "pretrained"}
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.org",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.org", "GIT_CONFIG_NOSYSTEM": "1"}
 

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from autodl_core.config import PipelineConfig
+from autodl_data.autodl_format import metadata_text
 from meta_db.selector import ENV_PIPELINE, forced_pipeline
 from meta_db.store import HARNESS_ERROR, Store
 from tools import meta_train as mt
-from autodl_core.autodl_format import metadata_text
 from tools.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,7 +360,7 @@ def test_real_meta_train_end_to_end(tmp_path):
         pytest.skip("mobilenetv2_100 weights not installed")
     from meta_db.portfolio import PORTFOLIO
     from meta_db.selector import select_pipeline
-    from autodl_core.autodl_format import AutoDLMetadata, find_task
+    from autodl_data.autodl_format import AutoDLMetadata, find_task
     from test_runner import make_tiny_dataset
 
     dataset = make_tiny_dataset(tmp_path / "data")

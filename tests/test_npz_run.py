@@ -133,10 +133,10 @@ def test_bad_prediction_is_an_ingestion_error(tmp_path):
 
 def test_runs_in_one_process_share_decoded_data(tmp_path):
     """As a benchmark runs pipelines: the corpus decoded once, model.py imported afresh for each run."""
-    from autodl_core import arrays
+    from autodl_data.corpus_npz import load_corpus_npz
 
     corpus, code = _corpus(tmp_path), _code(tmp_path, rounds=1)
-    data = arrays.load_corpus_npz(corpus)
+    data = load_corpus_npz(corpus)
     first = npz_run.run_npz(code, corpus, 10.0, tmp_path / "a", data=data)
     second = npz_run.run_npz(code, corpus, 10.0, tmp_path / "b", pipeline_json="{}", data=data)
     assert first["status"] == second["status"] == "ok" and first["n_predictions"] == second["n_predictions"] == 1

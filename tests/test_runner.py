@@ -102,7 +102,7 @@ def import_torch_before_tensorflow():
 def make_tiny_dataset(root: Path) -> Path:
     """A 3-class dataset of tiny random images, or the kit's miniciao sample when the writer is missing."""
     try:
-        from autodl_core.autodl_format import write_autodl_dataset
+        from autodl_data.autodl_format import write_autodl_dataset
     except ImportError:
         write_autodl_dataset = None
     if write_autodl_dataset is not None:
@@ -116,7 +116,7 @@ def make_tiny_dataset(root: Path) -> Path:
         return root / "tiny"
     kit = os.environ.get("AUTODL_KIT_GIT")
     if not kit or not Path(kit).exists():
-        pytest.skip("no dataset writer in autodl_core.autodl_format yet and no starting kit (AUTODL_KIT_GIT)")
+        pytest.skip("no dataset writer in autodl_data.autodl_format yet and no starting kit (AUTODL_KIT_GIT)")
     tar = subprocess.run(["git", f"--git-dir={kit}", "archive", "--format=tar", "HEAD",
                           "AutoDL_sample_data/miniciao"], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
@@ -183,7 +183,7 @@ def test_outputs_are_written_and_consistent(runs):
     html = (out / "scores" / "report.html").read_text()
     assert "data:image/png;base64," in html and "status: ok" in html
     # rescoring the folder from scratch gives the same numbers
-    from autodl_core.autodl_format import find_task
+    from autodl_data.autodl_format import find_task
 
     again = score_prediction_dir(find_task(r["dataset_dir"]).solution_path, pred)
     assert again.alc == pytest.approx(r["alc"], abs=1e-12) and again.naucs == pytest.approx(r["naucs"])

@@ -189,7 +189,7 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
               judge: str = "kit", tf_mode: str = "graph", kit_run: str | None = None, kit_git: str | None = None,
               log=print) -> list[dict]:
     """Run what is missing from OUT/results.jsonl, sequentially; return the rows of this configuration."""
-    from autodl_core.autodl_format import find_task
+    from autodl_data.autodl_format import find_task
     from meta_db.metafeatures import machine_instance
 
     if not (time_budget > 0 and math.isfinite(time_budget)):
@@ -329,7 +329,7 @@ def _cli(args) -> int:
     solvers = parse_solvers(args.solvers, Path(args.ours_dir))
     rows = run_bench(solvers, [Path(d) for d in args.datasets], args.time_budget, Path(args.out), judge=args.judge,
                      tf_mode=args.tf_mode, kit_run=args.kit_run, kit_git=args.kit)
-    from autodl_core.autodl_format import find_task
+    from autodl_data.autodl_format import find_task
 
     datasets = [find_task(d).name for d in args.datasets]
     names = [s.name for s in solvers]

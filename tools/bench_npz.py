@@ -94,7 +94,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def bench_npz(code_dir, datasets: list[tuple[Path, float]], pipelines: list[tuple[str, str | None]], out_dir,
               log=print) -> list[dict]:
-    from autodl_core import arrays
+    from autodl_data.corpus_npz import load_corpus_npz
     from tools.npz_run import run_npz
     from tools.provenance import code_version
 
@@ -105,7 +105,7 @@ def bench_npz(code_dir, datasets: list[tuple[Path, float]], pipelines: list[tupl
         for folder, budget in datasets:
             started = time.monotonic()
             try:
-                data = arrays.load_corpus_npz(folder)
+                data = load_corpus_npz(folder)
             except ValueError as exc:
                 raise UserInputError(str(exc)) from None
             log(f"[bench-npz] {folder.name}: decoded in {time.monotonic() - started:.1f}s")

@@ -1,7 +1,7 @@
 """`tools convert`: image data (corpus npz, numpy npz, image folders, CSV lists) -> the AutoDL dataset format.
 
 The output folder `<out>/<name>/` is what the official kit's ingestion and scoring read
-(`<name>.data/{train,test}`, `<name>.solution`); see tools/autodl_format.py and docs/convert.md.
+(`<name>.data/{train,test}`, `<name>.solution`); see autodl_data/autodl_format.py and docs/convert.md.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from autodl_core.arrays import corpus_origin
-from autodl_core.autodl_format import BadImageError, WriteReport, write_autodl_dataset
+from autodl_data.autodl_format import BadImageError, WriteReport, write_autodl_dataset
+from autodl_data.corpus_npz import corpus_origin
 from tools.errors import UserInputError
 from tools.tf_support import import_tensorflow, require_tensorflow
 

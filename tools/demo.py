@@ -41,7 +41,7 @@ def digits_examples():
 
 def build_digits_dataset(data_root: Path) -> Path:
     """Write OUT/data/digits once; reuse it when it is already a complete AutoDL task."""
-    from autodl_core.autodl_format import find_task, write_autodl_dataset
+    from autodl_data.autodl_format import find_task, write_autodl_dataset
 
     dataset_dir = Path(data_root) / DATASET_NAME
     if dataset_dir.is_dir():

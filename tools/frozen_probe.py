@@ -77,9 +77,9 @@ def subsample(n: int, most: int, seed: int = 0) -> np.ndarray:
 def run_dataset(folder: str, backbones: list[str], resolutions: list[int], max_train: int, max_test: int) -> list[dict]:
     import torch
 
-    from autodl_core.arrays import load_corpus_npz
     from autodl_core.engines import choose_runner
     from autodl_core.images import Preprocessor
+    from autodl_data.corpus_npz import load_corpus_npz
     from pretrained import create_backbone, get_spec
 
     train, test, info = load_corpus_npz(folder)

@@ -47,7 +47,8 @@ def dataset_record_of(row: dict, store):
     folder = Path(row.get("dataset_dir") or "")
     if not (folder / "data.npz").is_file():
         return None
-    from autodl_core.arrays import ArrayMetadata, corpus_origin, load_corpus_npz
+    from autodl_core.arrays import ArrayMetadata
+    from autodl_data.corpus_npz import corpus_origin, load_corpus_npz
     from meta_db.sources import corpus_reference
 
     train, _, info = load_corpus_npz(folder)

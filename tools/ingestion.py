@@ -146,31 +146,48 @@ def create_model(code_dir: Path, metadata, init_limit: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _log(message: str) -> None:
+    print(f"[ingestion] {message}", flush=True)
+
+
 def run_loop(model, train_ds, test_ds, output_dir: Path, task_name: str, start_time: float, time_budget: float,
-             expected_shape: tuple[int, int], status: StatusFile) -> str:
-    """train/test rounds until done_training, a None prediction or the end of the budget; returns why it stopped."""
+             expected_shape: tuple[int, int], status: StatusFile, after_call=None, on_prediction=None,
+             log=_log) -> str:
+    """train/test rounds until done_training, a None prediction or the end of the budget; returns why it stopped.
+
+    The kit's loop for both runners: `tools run` (here, in the ingestion's own process, killed from outside at
+    start + T) and `tools run-npz` (in-process). What differs is passed in: `after_call()` runs after each
+    train and each test call (run-npz raises there when the call ended past start + T), `on_prediction(t,
+    array)` after prediction k is written at t seconds (run-npz's live scores), `log(message)` prints the
+    progress lines (None: silent).
+    """
     for method in ("train", "test"):
         if not callable(getattr(model, method, None)):
             raise IngestionError(f"the Model object has no method `{method}`")
-    if not hasattr(model, "done_training"):
-        print("[ingestion] warning: Model has no attribute `done_training`; it runs until test returns None "
-              "or the budget ends", flush=True)
+    if log is not None and not hasattr(model, "done_training"):
+        log("warning: Model has no attribute `done_training`; it runs until test returns None or the budget ends")
     k = 0
     while not getattr(model, "done_training", False):
         remaining = start_time + time_budget - time.time()
         status.set(stage="train", round=k)
         model.train(train_ds, remaining_time_budget=remaining)
+        if after_call is not None:
+            after_call()
         remaining = start_time + time_budget - time.time()
         status.set(stage="test", round=k)
         prediction = model.test(test_ds, remaining_time_budget=remaining)
+        if after_call is not None:
+            after_call()
         if prediction is None:
             return "test returned None"
         array = check_prediction(prediction, expected_shape, k)
         write_prediction(output_dir, task_name, k, array)
+        if on_prediction is not None:
+            on_prediction(time.time() - start_time, array)
         k += 1
         status.set(n_predictions=k)
-        elapsed = time.time() - start_time
-        print(f"[ingestion] prediction {k - 1} written at t={elapsed:.2f}s", flush=True)
+        if log is not None:
+            log(f"prediction {k - 1} written at t={time.time() - start_time:.2f}s")
         if start_time + time_budget - time.time() <= 0:
             return "time budget used"
     return "done_training"
@@ -185,7 +202,7 @@ def ingest(code_dir: str, dataset_dir: str, output_dir: str, time_budget: float,
 
     status.set(stage="import")
     import_frameworks(tf_mode)
-    from autodl_core.autodl_format import AutoDLDataset, find_task
+    from autodl_data.autodl_format import AutoDLDataset, find_task
 
     status.set(stage="datasets")
     task = find_task(dataset_dir, check_solution=False)

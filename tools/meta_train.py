@@ -439,7 +439,7 @@ def dataset_record(dataset_dir: Path, data_features: dict | None = None):
     from meta_db.sources import portable_source
     from meta_db.store import DatasetRecord
     from meta_db.variants import parent_of
-    from autodl_core.autodl_format import AutoDLMetadata, find_task
+    from autodl_data.autodl_format import AutoDLMetadata, find_task
 
     task = find_task(dataset_dir)
     parent, family, derivation = parent_of(dataset_dir)

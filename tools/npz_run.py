@@ -32,8 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from tools.errors import UserInputError
-from tools.ingestion import (IngestionError, StatusFile, check_prediction, create_model, write_end_file,
-                             write_prediction, write_start_file)
+from tools.ingestion import IngestionError, StatusFile, create_model, run_loop, write_end_file, write_start_file
 
 OUTPUTS = ("predictions", "scores")
 
@@ -56,7 +55,7 @@ def run_npz(code_dir, dataset_dir, time_budget: float, out_dir, pipeline_json: s
             init_limit: float = 1200.0, progress: bool = False, data: tuple | None = None) -> dict:
     """Run model.py in `code_dir` on the corpus folder `dataset_dir` for `time_budget` seconds; score it.
 
-    `data`: what `arrays.load_corpus_npz(dataset_dir)` returned, when the caller has decoded the folder
+    `data`: what `load_corpus_npz(dataset_dir)` returned, when the caller has decoded the folder
     already (a benchmark running several pipelines on it). Returns the scores.json content: tools run's
     fields (ScoreSummary, status 'ok' / 'ingestion_error' / 'time_budget_exceeded' / 'scoring_error',
     error, note, init_seconds, peak_rss_bytes: this process's peak so far...) plus device,
@@ -96,11 +95,11 @@ def _pipeline_env(value: str | None):
 
 def _run(code_dir: Path, dataset_dir: Path, time_budget: float, out: Path, pipeline_json, init_limit: float,
          progress: bool, data) -> dict:
-    from autodl_core import arrays
+    from autodl_data.corpus_npz import load_corpus_npz
     from tools.scoring import PredictionFileError, Scorer, write_scores
 
     try:
-        train, test, info = data or arrays.load_corpus_npz(dataset_dir)
+        train, test, info = data or load_corpus_npz(dataset_dir)
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +174,11 @@ def _ingest(code_dir: Path, train, test, pred_dir: Path, task: str, time_budget:
     try:
         if init_error is not None:
             raise IngestionError(f"model initialisation failed: {type(init_error).__name__}: {init_error}")
-        run.reason = _until(start_time + time_budget, _loop, model, train, test, pred_dir, task, start_time,
-                            time_budget, stage, live)
+        # the kit's loop, with what `tools run`'s kill at start + T means in-process: the alarm, and a call
+        # that returned after start + T does not count
+        run.reason = _until(start_time + time_budget, run_loop, model, train, test, pred_dir, task, start_time,
+                            time_budget, (len(test), int(test.labels.shape[1])), stage,
+                            after_call=lambda: _check_budget(start_time, time_budget), on_prediction=live.add, log=None)
         run.status = "ok"
     except BudgetExceeded:
         run.status = "time_budget_exceeded"
@@ -197,13 +199,13 @@ def _ingest(code_dir: Path, train, test, pred_dir: Path, task: str, time_budget:
     return run
 
 
-def _until(end_time: float, fn, *args):
-    """fn(*args) with BudgetExceeded raised into it at `end_time` (SIGALRM); the alarm is off on any exit,
-    and one that fires on the way out still surfaces as BudgetExceeded, never inside the caller's handlers."""
+def _until(end_time: float, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with BudgetExceeded raised into it at `end_time` (SIGALRM); the alarm is off on any
+    exit, and one that fires on the way out still surfaces as BudgetExceeded, never inside the caller's handlers."""
     previous = signal.signal(signal.SIGALRM, _raise_budget_exceeded)
     signal.setitimer(signal.ITIMER_REAL, max(end_time - time.time(), 1e-3))
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -211,32 +213,6 @@ def _until(end_time: float, fn, *args):
 
 def _raise_budget_exceeded(signum, frame):
     raise BudgetExceeded()
-
-
-def _loop(model, train, test, pred_dir: Path, task: str, start_time: float, time_budget: float,
-          stage: StatusFile, live) -> str:
-    """tools.ingestion.run_loop, with what `tools run`'s kill at start + T means in-process."""
-    for method in ("train", "test"):
-        if not callable(getattr(model, method, None)):
-            raise IngestionError(f"the Model object has no method `{method}`")
-    expected_shape = (len(test), int(test.labels.shape[1]))
-    k = 0
-    while not getattr(model, "done_training", False):
-        stage.set(stage="train", round=k)
-        model.train(train, remaining_time_budget=start_time + time_budget - time.time())
-        _check_budget(start_time, time_budget)
-        stage.set(stage="test", round=k)
-        prediction = model.test(test, remaining_time_budget=start_time + time_budget - time.time())
-        _check_budget(start_time, time_budget)
-        if prediction is None:
-            return "test returned None"
-        array = check_prediction(prediction, expected_shape, k)
-        write_prediction(pred_dir, task, k, array)
-        live.add(time.time() - start_time, array)
-        k += 1
-        if start_time + time_budget - time.time() <= 0:
-            return "time budget used"
-    return "done_training"
 
 
 def _check_budget(start_time: float, time_budget: float) -> None:

@@ -31,7 +31,7 @@ from tools.errors import UserInputError
 from tools.provenance import git_head
 from tools.shared_paths import REPO_ROOT, default_kit_run
 
-PACKAGES = ("autodl_core", "meta_db", "pretrained")
+PACKAGES = ("autodl_core", "meta_db", "pretrained")  # not autodl_data: no shipped module imports it when imported
 ENTRY_POINT = "model.py"
 MANIFEST_NAME = "MANIFEST.json"
 WEIGHTS_FOLDER = "weights"

@@ -101,7 +101,7 @@ def validate_run_inputs(code_dir, time_budget, init_limit) -> tuple[Path, float]
 
 def validate_inputs(code_dir, dataset_dir, time_budget, tf_mode, init_limit):
     """Clear errors for the user's inputs; returns (code_dir, TaskPaths, time_budget)."""
-    from autodl_core.autodl_format import check_records, find_task
+    from autodl_data.autodl_format import check_records, find_task
 
     code_dir, time_budget = validate_run_inputs(code_dir, time_budget, init_limit)
     if tf_mode not in ("graph", "eager"):

@@ -78,7 +78,7 @@ def load_solution(solution_path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise UserInputError(f"solution file not found: {path}")
     try:
-        from autodl_core.autodl_format import read_solution
+        from autodl_data.autodl_format import read_solution
     except ImportError:  # reader not available: plain text, one row per example
         solution = np.loadtxt(path, ndmin=2)
     else:

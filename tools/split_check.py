@@ -22,7 +22,7 @@ from tools.corpus_rows import finish, require_corpus_folders
 def check_dataset(folder: str, threshold: float | None, max_train: int) -> dict:
     import torch
 
-    from autodl_core.arrays import ArrayMetadata, load_corpus_npz
+    from autodl_core.arrays import ArrayMetadata
     from autodl_core.config import PipelineConfig
     from autodl_core.device_plan import plan_for
     from autodl_core.heads import LinearHead
@@ -34,6 +34,7 @@ def check_dataset(folder: str, threshold: float | None, max_train: int) -> dict:
     from autodl_core.stages.probe import ProbeStage
     from autodl_core.validation import check_split
     from autodl_core.warmup import prepare_backbone
+    from autodl_data.corpus_npz import load_corpus_npz
 
     train, test, info = load_corpus_npz(folder)
     config = PipelineConfig()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from autodl_core.autodl_format import UndecodableImage, prepare_image
-from autodl_core.arrays import GRAY_MODES
+from autodl_data.autodl_format import UndecodableImage, prepare_image
+from autodl_data.corpus_npz import GRAY_MODES
 from tools.convert import check_classes, split_indices, subsample
 from tools.corpus.layouts import Labelled, read_layout
 from tools.corpus.recipes import Recipe

@@ -40,7 +40,7 @@ class KitCase:
 def _compressed(out_dir: Path, name: str, n_classes: int, train_labels, test_labels, size=(32, 32), channels=3,
                 seed: int = 0, multilabel_rows=None, image_fn=None) -> Path:
     """A PNG/JPEG dataset through `write_autodl_dataset` (the path `tools convert` takes)."""
-    from autodl_core.autodl_format import write_autodl_dataset
+    from autodl_data.autodl_format import write_autodl_dataset
 
     rng = np.random.default_rng(seed)
     patterns = class_patterns(n_classes, channels, seed)

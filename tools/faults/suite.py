@@ -79,7 +79,7 @@ def cpu_neighbours(count: int):
 
 def run_kit_case(case: kit_cases.KitCase, dataset: Path, out_dir: Path, code: Path, kit_run: str,
                  kit_git: str) -> dict:
-    from autodl_core.autodl_format import find_task, read_solution
+    from autodl_data.autodl_format import find_task, read_solution
     from tools.bench import run_kit_judge
 
     task = find_task(dataset)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autodl_core.autodl_format import dataset_under_construction, metadata_text, write_solution
+from autodl_data.autodl_format import dataset_under_construction, metadata_text, write_solution
 
 
 def class_patterns(n_classes: int, channels: int, seed: int, grid: int = 4) -> np.ndarray:
