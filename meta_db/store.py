@@ -458,6 +458,17 @@ class Store:
         """{pipeline_id: reason}."""
         return {r["pipeline_id"]: r["reason"] for r in self.conn.execute("SELECT * FROM retired_pipelines")}
 
+    def pipelines_in_use(self) -> list[tuple[str, str | None, dict]]:
+        """(pipeline_id, name, raw config dict) of the pipelines the selector can choose from: not retired,
+        with at least one run in use that measured the solver (the runs `alc_table` counts, any stratum).
+        What `tools package` ships weights for."""
+        sql = ("SELECT p.pipeline_id, p.name, p.config FROM pipelines p "
+               "WHERE p.pipeline_id NOT IN (SELECT pipeline_id FROM retired_pipelines) "
+               "AND EXISTS (SELECT 1 FROM runs WHERE runs.pipeline_id = p.pipeline_id AND runs.status != ? "
+               f"AND {IN_USE}) ORDER BY p.created_at, p.pipeline_id")
+        return [(r["pipeline_id"], r["name"], json.loads(r["config"]))
+                for r in self.conn.execute(sql, (HARNESS_ERROR,))]
+
     def _known_pipeline_ids(self, pipeline_ids) -> list[str]:
         ids = [str(p).strip() for p in pipeline_ids if p and str(p).strip()]
         if not ids:

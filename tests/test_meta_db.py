@@ -180,6 +180,8 @@ def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
             store.retire_code([], "nothing named")
     knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
     assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()]  # A's cells were all retired code
+    with Store(path, readonly=True) as store:
+        assert [pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()] == [DEFAULT.pipeline_id()]
     with Store(path) as store:
         with pytest.raises(ValueError, match="not retired"):
             store.restore_code(["cccc"])
@@ -214,8 +216,9 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
         assert store.retired_pipelines() == {A.pipeline_id(): "never wins"}
         assert len(store.measured_keys()) == 4  # still measured: meta-training does not redo them
         assert store.summary()["retired_pipelines"] == {A.pipeline_id(): "never wins"}
+        in_use = {pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()}  # what `tools package` ships for
     knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
-    assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()]
+    assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()] == sorted(in_use)
     assert sel.make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == DEFAULT.pipeline_id()
     assert main(["meta-train", "--restore-pipeline", "mnv2-probe", "--store", str(path)]) == 2  # not stored
     assert main(["meta-train", "--restore-pipeline", A.pipeline_id(), "--store", str(path)]) == 0
@@ -223,7 +226,9 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
         assert store.retired_pipelines() == {}
         with pytest.raises(ValueError, match="not retired"):
             store.restore_pipelines([A.pipeline_id()])
+        in_use = {pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()}
     assert len(sel.load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == 2
+    assert in_use == {A.pipeline_id(), DEFAULT.pipeline_id()}
 
 
 def test_one_machine_view_keeps_only_that_instances_runs(tmp_path, capsys):

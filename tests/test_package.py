@@ -48,6 +48,8 @@ def test_backbones_needed_includes_the_default_pipeline():
 
 
 def test_backbones_needed_reads_the_store(tmp_path):
+    """The store's pipelines in use count; a retired pipeline, one measured only by a retired code version
+    and one with only harness errors do not (efficientnet_lite1: no default step uses it)."""
     store_module = pytest.importorskip("meta_db.store")
     path = tmp_path / "store.sqlite"
     with store_module.Store(path) as store:
@@ -55,9 +57,22 @@ def test_backbones_needed_reads_the_store(tmp_path):
         measured = store.upsert_pipeline(PipelineConfig(backbone="efficientnet_lite0"), "lite0")
         store.upsert_pipeline(PipelineConfig(backbone="efficientnet_lite1"), "never run")
         store.upsert_pipeline(PipelineConfig(backbone="no_such_net"), "unregistered")
+        retired = store.upsert_pipeline(PipelineConfig(backbone="efficientnet_lite1", top_lr=0.004), "retired")
+        old_code = store.upsert_pipeline(PipelineConfig(backbone="efficientnet_lite1", top_lr=0.008), "old code")
+        broken = store.upsert_pipeline(PipelineConfig(backbone="efficientnet_lite1", top_lr=0.001), "harness")
         store.record_run(store_module.RunRecord("toy", measured, 60.0, "cpu2", "ok", alc=0.5))
+        store.record_run(store_module.RunRecord("toy", retired, 60.0, "cpu2", "ok", alc=0.6))
+        store.record_run(store_module.RunRecord("toy", old_code, 60.0, "cpu2", "ok", alc=0.6, code_version="abc1234"))
+        store.record_run(store_module.RunRecord("toy", broken, 60.0, "cpu2", store_module.HARNESS_ERROR))
+        store.retire_pipelines([retired], "worse everywhere")
+        store.retire_code(["abc1234"], "a solver that no longer exists")
+        assert [pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()] == [measured]
     steps = PipelineConfig().step_backbone_names()
+    assert "efficientnet_lite1" not in steps
     assert package.backbones_needed(store_path=path) == list(dict.fromkeys(steps + ["efficientnet_lite0"]))
+    with store_module.Store(path) as store:  # restored, the selector can choose it again: its weights ship
+        store.restore_pipelines([retired])
+    assert "efficientnet_lite1" in package.backbones_needed(store_path=path)
 
 
 def test_backbones_needed_includes_every_backbone_of_the_default_steps(tmp_path):
@@ -85,6 +100,48 @@ def test_zip_has_the_entry_point_packages_weights_and_vendor(built):
     assert {entry["name"] for entry in manifest["files"]} | {package.MANIFEST_NAME} == set(names)
     assert manifest["vendor"]["timm"]
     assert manifest["created"]
+    assert "LICENSE" in names
+    assert not any(name.startswith("vendor/timm/data/_info/") for name in names)
+    assert manifest["left_out"]["vendor"] and all(name.startswith("vendor/timm/data/_info/")
+                                                  for name in manifest["left_out"]["vendor"])
+    assert result.size_bytes == result.path.stat().st_size < package.DEFAULT_MAX_MB * 1e6
+
+
+def test_zip_ships_the_meta_db_modules_the_submission_imports_and_no_other(built):
+    result, _ = built
+    with zipfile.ZipFile(result.path) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read(package.MANIFEST_NAME))
+    needed = {path.relative_to(package.REPO_ROOT).as_posix() for path in package.submission_modules().values()}
+    for required in ("meta_db/__init__.py", "meta_db/selector.py", "meta_db/second_choice.py", "meta_db/store.py",
+                     "meta_db/metafeatures.py", "meta_db/portfolio.py", "meta_db/store.sqlite"):
+        assert required in names
+    assert {name for name in needed if name.startswith("meta_db/")} <= names
+    offline = package.offline_only_modules()
+    assert "meta_db/evaluate.py" in offline
+    assert not set(offline) & names
+    assert manifest["left_out"]["offline_modules"] == offline
+
+
+def test_manifest_names_a_license_for_the_project_timm_and_every_weight_file(built):
+    result, _ = built
+    with zipfile.ZipFile(result.path) as archive:
+        names = set(archive.namelist())
+        licenses = json.loads(archive.read(package.MANIFEST_NAME))["licenses"]
+    assert licenses["project"] == {"license": "Apache-2.0", "file": "LICENSE"}
+    timm = licenses["vendor"]["timm"]
+    assert timm["license"] and not timm["license"].startswith("unknown")
+    assert timm["files"] and set(timm["files"]) <= names
+    weight_files = {name for name in names if name.startswith("weights/")}
+    assert weight_files and set(licenses["weights"]) == weight_files
+    for name, origin in licenses["weights"].items():
+        assert origin["license"], name
+        assert origin["backbone"] == Path(name).stem
+        spec = pretrained.get_spec(origin["backbone"])
+        if spec.source is not None:
+            assert origin["pip_package"] == spec.source.pip_package
+            assert origin["license"] == (spec.source.license or origin["package_license"])
+            assert set(origin["license_files"]) <= names
     assert result.size_bytes == result.path.stat().st_size < package.DEFAULT_MAX_MB * 1e6
 
 
@@ -112,7 +169,7 @@ def test_unpacked_copy_runs_on_its_own_files(built, tmp_path):
         spec = importlib.util.spec_from_file_location("model", {str(unzipped / "model.py")!r})
         model = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(model)
-        import meta_db.selector
+        import meta_db.selector, meta_db.second_choice
         from pretrained import create_backbone, WeightsNotFoundError
         create_backbone({DEFAULT_BACKBONE!r})
         if {unshipped!r} is not None:

@@ -1,11 +1,15 @@
 """`tools package`: the challenge submission zip (model.py, our packages, backbone weights, vendored timm).
 
 The platform unpacks the zip and imports model.py from its root; it has torch and TensorFlow but neither
-our packages, nor the pip weight packages, nor timm. So the zip carries: model.py; autodl_core/, meta_db/
-(with its shipped store files) and pretrained/; weights/ with one exported file per backbone the shipped
-pipelines can choose (model.py points $AUTODL_WEIGHTS_DIR there); vendor/ with pure-Python dependencies
-(model.py puts it on sys.path); and MANIFEST.json saying what went in. A zip over --max-mb is refused
-(exit 2, nothing left behind), since the platform rejects oversized submissions.
+our packages, nor the pip weight packages, nor timm. So the zip carries: model.py and the project's LICENSE;
+autodl_core/ and pretrained/ whole; meta_db/ as far as the submission imports it (``submission_modules``:
+the selector and what it needs, with the shipped store files; the offline-only modules, meta-evaluation,
+measuring batches, dataset variants, stay out); weights/ with one exported file per backbone the shipped
+pipelines can choose (model.py points $AUTODL_WEIGHTS_DIR there) and licenses/ with the licence files of
+the packages those weights come from; vendor/ with pure-Python dependencies (model.py puts it on
+sys.path), less the files the solver never reads (VENDOR_LEAVE_OUT: timm's ImageNet label text); and
+MANIFEST.json saying what went in, what was left out, and under which licences. A zip over --max-mb is
+refused (exit 2, nothing left behind), since the platform rejects oversized submissions.
 
 `--verify DATASET` then unpacks the zip and runs it through the official kit (tools/kit/run.py, as
 `tools kit` does) in an environment where the pip weight packages, huggingface_hub and safetensors
@@ -14,6 +18,7 @@ cannot be imported, and checks that timm and our packages were imported from the
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import importlib.metadata
 import importlib.util
@@ -32,11 +37,19 @@ from tools.provenance import git_head
 from tools.shared_paths import REPO_ROOT, default_kit_run
 
 PACKAGES = ("autodl_core", "meta_db", "pretrained")  # not autodl_data: no shipped module imports it when imported
+# Shipped only as far as the submission imports them (``submission_modules``), plus their data files
+# (meta_db's store); the other packages ship whole.
+PRUNED_PACKAGES = ("meta_db",)
 ENTRY_POINT = "model.py"
+LICENSE_FILE = "LICENSE"  # the project's licence, shipped at the zip root
 MANIFEST_NAME = "MANIFEST.json"
 WEIGHTS_FOLDER = "weights"
+LICENSES_FOLDER = "licenses"  # licence files of the packages the shipped weights come from
 VENDOR_FOLDER = "vendor"
 DEFAULT_VENDOR = ("timm",)
+# Vendored files the solver never reads, by path prefix inside vendor/: timm's ImageNet class names and
+# subset maps (timm/data/_info/), read only by timm.data.ImageNetInfo and RealLabelsImagenet.
+VENDOR_LEAVE_OUT = {"timm": ("timm/data/_info/",)}
 DEFAULT_MAX_MB = 300.0
 # Never shipped: test code, the CLI, caches, editor/OS clutter, SQLite side files of an open store.
 SKIP_DIRS = {"__pycache__", "tests", "test", "tools", ".git", ".pytest_cache"}
@@ -62,10 +75,11 @@ def backbones_needed(store_path: str | os.PathLike | None = None) -> list[str]:
 
     Always the default PipelineConfig's backbone (the selector's fallback) and the backbones its any-time
     steps move on to (without their weights a step is left out and the run stops buying quality early);
-    plus meta_db's own list when it
-    offers one (``selectable_backbones()`` in meta_db.selector or meta_db.store), else the backbone of every
-    pipeline with measured runs in the shipped store (meta_db/store.sqlite, or ``store_path``), as the
-    selector can pick any of those. Unregistered backbones are left out: the selector skips them too.
+    plus meta_db's own list when it offers one (``selectable_backbones()`` in meta_db.selector or
+    meta_db.store), else the backbones of the pipelines in use in the shipped store (meta_db/store.sqlite,
+    or ``store_path``): not retired, with measured runs of a code version in use, as the selector can pick
+    any of those (``_store_backbones``). A retired pipeline's backbone ships only when the default steps
+    use it. Unregistered backbones are left out: the selector skips them too.
     """
     from autodl_core.config import PipelineConfig
     from pretrained import list_backbones
@@ -86,26 +100,39 @@ def backbones_needed(store_path: str | os.PathLike | None = None) -> list[str]:
             names.extend(str(name) for name in offer())
             offered = True
     if not offered:
-        names.extend(_store_backbones(store_path, default))
+        names.extend(_store_backbones(store_path))
     registered = set(list_backbones())
     return [default] + [name for name in dict.fromkeys(names) if name in registered and name != default]
 
 
-def _store_backbones(store_path: str | os.PathLike | None, default: str) -> list[str]:
-    """Backbones of the pipelines that have runs in the meta-knowledge store ([] when there is no store)."""
+def _store_backbones(store_path: str | os.PathLike | None) -> list[str]:
+    """Backbones the pipelines in use in the meta-knowledge store run ([] when there is no store).
+
+    In use: not retired, with measured runs of a code version in use (``Store.pipelines_in_use``), as
+    the selector reads them; each as model.py runs it, i.e. as the first of the any-time steps, so the
+    steps' backbones count too. A record this code cannot parse is skipped, as the selector skips it.
+    """
     try:
         from meta_db.store import DEFAULT_STORE_PATH, Store
     except ModuleNotFoundError as error:
         if error.name not in ("meta_db.store",):
             raise
         return []
+    from autodl_core.config import PipelineConfig
+
     path = Path(store_path) if store_path is not None else Path(DEFAULT_STORE_PATH)
     if not path.is_file():
         return []
     with Store(path, readonly=True) as store:
-        measured = {pipeline_id for _, pipeline_id in store.alc_table()}
-        return [str(raw.get("backbone", default)) for pipeline_id, _, raw in store.pipelines()
-                if pipeline_id in measured]
+        in_use = store.pipelines_in_use()
+    names = []
+    for _, _, raw in in_use:
+        try:
+            config = PipelineConfig.from_record(raw)
+        except (TypeError, ValueError):
+            continue  # written by another code version: the selector cannot choose it
+        names.extend(config.as_steps().step_backbone_names())
+    return names
 
 
 def _skipped(relative: Path) -> bool:
@@ -115,31 +142,194 @@ def _skipped(relative: Path) -> bool:
     return relative.name.endswith(SKIP_SUFFIXES)
 
 
+def _module_file(root: Path, module: str) -> Path | None:
+    """The file of our module ``module`` (dotted name) under ``root``, or None when there is none."""
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.parent / f"{base.name}.py", base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path, module: str) -> set[str]:
+    """Dotted names of the modules ``path`` (the module named ``module``) may import, every import
+    statement counted, those inside functions too. Relative imports are resolved; ``from X import Y``
+    counts X and X.Y (Y may be a submodule); importing a.b.c counts a and a.b as well (Python runs their
+    ``__init__``)."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.level - 1 > len(package):
+                    continue
+                parts = package[:len(package) - (node.level - 1)] + ([node.module] if node.module else [])
+                base = ".".join(parts)
+            else:
+                base = node.module or ""
+            if base:
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return {".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 2)}
+
+
+def submission_modules(root: Path = REPO_ROOT, packages: tuple[str, ...] = PACKAGES,
+                       pruned: tuple[str, ...] = PRUNED_PACKAGES) -> dict[str, Path]:
+    """{dotted name: file} of our modules the unpacked submission can import: the import closure (every
+    import statement, inside functions too) of model.py and of every module of the packages shipped
+    whole, within ``packages``. A module of a ``pruned`` package outside it is offline-only code."""
+    entry = root / ENTRY_POINT
+    queue = [("model", entry)] if entry.is_file() else []
+    for package in packages:
+        if package not in pruned:
+            for path in sorted((root / package).rglob("*.py")):
+                relative = path.relative_to(root)
+                if not _skipped(relative):
+                    parts = relative.with_suffix("").parts
+                    queue.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), path))
+    found = dict(queue)
+    while queue:
+        module, path = queue.pop()
+        for name in sorted(imported_modules(path, module)):
+            if name in found or name.partition(".")[0] not in packages:
+                continue
+            file = _module_file(root, name)
+            if file is not None:
+                found[name] = file
+                queue.append((name, file))
+    found.pop("model", None)
+    return found
+
+
+def offline_only_modules(root: Path = REPO_ROOT) -> list[str]:
+    """Files (relative, posix) of the pruned packages' modules the submission never imports: left out."""
+    needed = {path.resolve() for path in submission_modules(root).values()}
+    return sorted(path.relative_to(root).as_posix() for package in PRUNED_PACKAGES
+                  for path in (root / package).rglob("*.py")
+                  if not _skipped(path.relative_to(root)) and path.resolve() not in needed)
+
+
 def package_files(root: Path = REPO_ROOT) -> list[tuple[Path, str]]:
-    """(source file, name in the zip) for model.py and every shippable file of our packages."""
+    """(source file, name in the zip) for model.py, the project's LICENSE and every shippable file of our
+    packages: all of autodl_core and pretrained; of meta_db, the modules the submission imports
+    (``submission_modules``) and every data file (the store)."""
     entry = root / ENTRY_POINT
     if not entry.is_file():
         raise UserInputError(f"{entry} not found: the submission needs model.py at the repository root")
     files = [(entry, ENTRY_POINT)]
+    if (root / LICENSE_FILE).is_file():
+        files.append((root / LICENSE_FILE, LICENSE_FILE))
     for package in PACKAGES:
-        folder = root / package
-        if not (folder / "__init__.py").is_file():
-            raise UserInputError(f"{folder} is not a Python package (no __init__.py)")
-        for path in sorted(folder.rglob("*")):
+        if not (root / package / "__init__.py").is_file():
+            raise UserInputError(f"{root / package} is not a Python package (no __init__.py)")
+    left_out = set(offline_only_modules(root))
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*")):
             relative = path.relative_to(root)
-            if path.is_file() and not _skipped(relative):
+            if path.is_file() and not _skipped(relative) and relative.as_posix() not in left_out:
                 files.append((path, relative.as_posix()))
     return files
 
 
-def vendor_files(distributions: tuple[str, ...] | list[str]) -> tuple[list[tuple[Path, str]], dict]:
-    """Installed pure-Python packages to ship under vendor/: (file, zip name) pairs and {name: version}.
+def _vendor_left_out(distribution: str, relative: str) -> bool:
+    return relative.startswith(VENDOR_LEAVE_OUT.get(distribution, ()))
+
+
+def _dist_licence_files(dist: importlib.metadata.Distribution) -> list[tuple[Path, str]]:
+    """(file, path inside site-packages) of a distribution's licence files in its dist-info."""
+    found = []
+    for record in dist.files or []:
+        posix = record.as_posix()
+        if ".dist-info/" in posix and any(word in posix.lower() for word in ("licen", "copying", "notice")):
+            found.append((Path(record.locate()), posix))
+    return found
+
+
+def distribution_license(name: str) -> str:
+    """The licence an installed distribution declares (License-Expression, a one-line License field, or
+    its licence classifiers), or "unknown (see NAME)" when it declares none."""
+    try:
+        metadata = importlib.metadata.metadata(name)
+    except importlib.metadata.PackageNotFoundError:
+        return f"unknown (see {name}; not installed here)"
+    expression = (metadata.get("License-Expression") or "").strip()
+    if expression:
+        return expression
+    declared = (metadata.get("License") or "").strip()
+    if declared and declared.upper() not in ("UNKNOWN", "NONE") and "\n" not in declared and len(declared) <= 100:
+        return declared
+    classifiers = [c.split("::")[-1].strip() for c in metadata.get_all("Classifier") or []
+                   if c.startswith("License ::")]
+    classifiers = [c for c in classifiers if c and c != "OSI Approved"]
+    return ", ".join(classifiers) if classifiers else f"unknown (see {name})"
+
+
+def project_license(root: Path = REPO_ROOT) -> dict:
+    """The project's own licence (pyproject.toml's SPDX ``license``) and its file in the zip."""
+    license_name = f"unknown (see {LICENSE_FILE})"
+    try:
+        import tomllib
+
+        project = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {})
+        declared = project.get("license")
+        if isinstance(declared, dict):
+            declared = declared.get("text")
+        if isinstance(declared, str) and declared.strip():
+            license_name = declared.strip()
+    except (ImportError, OSError, ValueError):
+        pass
+    return {"license": license_name, "file": LICENSE_FILE if (root / LICENSE_FILE).is_file() else None}
+
+
+def weight_licence_files(backbones: list[str]) -> list[tuple[Path, str]]:
+    """(file, zip name) of the licence files of the pip packages the backbones' weights come from,
+    under licenses/<package>/."""
+    from pretrained import get_spec
+
+    files = []
+    for package in dict.fromkeys(get_spec(name).source.pip_package for name in backbones if get_spec(name).source):
+        try:
+            dist = importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        files += [(path, f"{LICENSES_FOLDER}/{package}/{Path(posix).name}") for path, posix in _dist_licence_files(dist)]
+    return files
+
+
+def weight_origin(name: str, zip_names: list[str] | tuple[str, ...] = ()) -> dict:
+    """Where a shipped weight file comes from and under which licence: the registry's word on the
+    weights (pretrained.registry's WeightSource.license) and what the pip package declares."""
+    from pretrained import get_spec
+
+    spec = get_spec(name)
+    source = spec.source
+    if source is None:
+        return {"backbone": name, "timm_arch": spec.timm_arch, "origin": f"timm hub tag {spec.hub_tag}",
+                "license": f"unknown (see the model card of {spec.hub_tag})"}
+    try:
+        version = importlib.metadata.version(source.pip_package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    package_license = distribution_license(source.pip_package)
+    prefix = f"{LICENSES_FOLDER}/{source.pip_package}/"
+    return {"backbone": name, "timm_arch": spec.timm_arch, "origin": f"pip package {source.pip_package}",
+            "pip_package": source.pip_package, "version": version,
+            "license": source.license or package_license, "package_license": package_license,
+            "license_files": [zip_name for zip_name in zip_names if zip_name.startswith(prefix)]}
+
+
+def vendor_files(distributions: tuple[str, ...] | list[str]) -> tuple[list[tuple[Path, str]], dict, list[str]]:
+    """Installed pure-Python packages to ship under vendor/: (file, zip name) pairs, {name: version} and
+    the zip names left out (VENDOR_LEAVE_OUT: files the solver never reads).
 
     Copies the package folder as installed (no __pycache__) plus the licence and METADATA of its
     dist-info; refuses a package holding compiled extensions, which would not load on another platform.
     """
     files: list[tuple[Path, str]] = []
     versions = {}
+    left_out: list[str] = []
     for name in distributions:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
@@ -148,6 +338,9 @@ def vendor_files(distributions: tuple[str, ...] | list[str]) -> tuple[list[tuple
         for path in sorted(folder.rglob("*")):
             relative = path.relative_to(folder.parent)
             if not path.is_file() or _skipped(relative):
+                continue
+            if _vendor_left_out(name, relative.as_posix()):
+                left_out.append(f"{VENDOR_FOLDER}/{relative.as_posix()}")
                 continue
             if path.name.endswith(BINARY_SUFFIXES) or ".so." in path.name:
                 raise UserInputError(f"cannot vendor {name!r}: {path} is a compiled extension (not pure Python)")
@@ -158,11 +351,29 @@ def vendor_files(distributions: tuple[str, ...] | list[str]) -> tuple[list[tuple
             versions[name] = "unknown"
             continue
         versions[name] = dist.version
+        shipped = {zip_name for _, zip_name in files}
+        for path, posix in _dist_licence_files(dist):
+            if f"{VENDOR_FOLDER}/{posix}" not in shipped:
+                files.append((path, f"{VENDOR_FOLDER}/{posix}"))
         for record in dist.files or []:
             posix = record.as_posix()
-            if ".dist-info/" in posix and ("licen" in posix.lower() or posix.endswith("/METADATA")):
+            if ".dist-info/" in posix and posix.endswith("/METADATA"):
                 files.append((Path(record.locate()), f"{VENDOR_FOLDER}/{posix}"))
-    return files, versions
+    return files, versions, left_out
+
+
+def vendor_licenses(versions: dict, zip_names: list[str] | tuple[str, ...] = ()) -> dict:
+    """{vendored package: version, declared licence, its licence files in the zip}."""
+    licenses = {}
+    for name, version in versions.items():
+        try:  # e.g. vendor/timm-1.0.31.dist-info/licenses/LICENSE
+            candidates = [f"{VENDOR_FOLDER}/{posix}" for _, posix in
+                          _dist_licence_files(importlib.metadata.distribution(name))]
+        except importlib.metadata.PackageNotFoundError:
+            candidates = []
+        licenses[name] = {"version": version, "license": distribution_license(name),
+                          "files": [zip_name for zip_name in candidates if zip_name in zip_names]}
+    return licenses
 
 
 def export_weight_file(name: str, dest: Path, *, half: bool = False) -> Path:
@@ -225,12 +436,13 @@ def build_submission(
     backbones = list(dict.fromkeys(backbones if backbones is not None else backbones_needed()))
 
     files = package_files(root)
-    vendored, versions = vendor_files(vendor)
+    vendored, versions, vendor_left_out = vendor_files(vendor)
     partial = out.with_name(out.name + ".partial")
     try:
         with tempfile.TemporaryDirectory(prefix="weights_") as scratch:
             weights = [export_weight_file(name, Path(scratch), half=half) for name in backbones]
-            files += [(path, f"{WEIGHTS_FOLDER}/{path.name}") for path in weights] + vendored
+            files += [(path, f"{WEIGHTS_FOLDER}/{path.name}") for path in weights]
+            files += weight_licence_files(backbones) + vendored
             names = [name for _, name in files]
             duplicates = {name for name in names if names.count(name) > 1}
             if duplicates:
@@ -243,6 +455,13 @@ def build_submission(
                 "weights": {"dtype": "float16" if half else "float32", "classifier": False,
                             "folder": WEIGHTS_FOLDER},
                 "vendor": versions,
+                "licenses": {
+                    "project": project_license(root),
+                    "vendor": vendor_licenses(versions, names),
+                    "weights": {f"{WEIGHTS_FOLDER}/{path.name}": weight_origin(name, names)
+                                for name, path in zip(backbones, weights)},
+                },
+                "left_out": {"offline_modules": offline_only_modules(root), "vendor": vendor_left_out},
                 "files": [{"name": name, "bytes": path.stat().st_size} for path, name in files],
             }
             with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
@@ -445,8 +664,10 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "package", help="build the challenge submission zip",
-        description="Build the submission zip: model.py, autodl_core/, meta_db/, pretrained/, weights/ "
-                    "(exported backbone weights), vendor/ (pure-Python dependencies) and MANIFEST.json.")
+        description="Build the submission zip: model.py, LICENSE, autodl_core/, pretrained/, the meta_db modules "
+                    "the submission imports (with the store), weights/ (exported backbone weights) and licenses/ "
+                    "(their packages' licence files), vendor/ (pure-Python dependencies, less files the solver "
+                    "never reads) and MANIFEST.json (files, sizes, licences, what was left out).")
     parser.add_argument("--out", default="submission.zip", help="zip to write (default: submission.zip)")
     parser.add_argument("--backbones", nargs="+", metavar="NAME",
                         help="backbones whose weights to ship (default: those the shipped pipelines can select)")
