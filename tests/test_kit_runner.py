@@ -449,7 +449,8 @@ def test_kit_linear_baseline_on_miniciao(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "miniciao"
     assert summary["n_predictions"] == int(scores["n_predictions"]) >= 1
-    assert 0.0 < summary["alc"] <= 1.0 and abs(summary["alc"] - float(scores["ALC"])) < 1e-6
+    # The linear baseline can score below chance on miniciao (ALC -0.087 at T = 60 s): NAUC spans -1..1.
+    assert -1.0 <= summary["alc"] <= 1.0 and abs(summary["alc"] - float(scores["ALC"])) < 1e-6
     assert summary["status"] in ("ok", "time_budget_exceeded")
     assert (out / "scores" / "scores.txt").is_file() and (out / "ingestion.log").is_file()
     assert summary["kit"].startswith(("git ", "directory "))
