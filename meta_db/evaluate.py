@@ -177,8 +177,8 @@ def batches_section(store_path, knowledge: Knowledge) -> str:
 
     run_sd = knowledge.noise_sd()
     offsets = batch_offsets(store_path, knowledge.time_budget, knowledge.hardware)
-    return ("\n## Measuring batches\n\nEach batch (the runs of one code version on one machine instance: one "
-            "sitting) against the other batches in use, from an additive fit run ALC = cell + batch over the cells "
+    return ("\n## Measuring batches\n\nEach batch (the runs of one code version on one machine instance, made "
+            "one after another) against the other batches in use, from an additive fit run ALC = cell + batch over the cells "
             "two or more batches measured; offset: the batch's effect, the typical batch at 0. Suspect: beyond "
             f"{SUSPECT_SE:g} standard errors and beyond one run's noise (SD {_f(run_sd)}). A suspect batch can be "
             "kept out of learning with `tools meta-train --retire-code VERSION --reason ...`.\n\n"

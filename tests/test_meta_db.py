@@ -161,7 +161,7 @@ def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
         store.record_run(RunRecord("color", DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.8,
                                    code_version="bbbb2222+dirty"))
         assert len(store.measured_keys()) == 4
-        assert store.retire_code(["AAAA"], "stop-9 solver") == 2  # a prefix, any case
+        assert store.retire_code(["AAAA"], "the 0.1.9 solver") == 2  # a prefix, any case
         assert store.retire_code(["aaaa1111"], "again") == 0  # nothing more to retire
         assert store.alc_table() == {("gray", DEFAULT.pipeline_id()): pytest.approx(0.7),
                                      ("color", DEFAULT.pipeline_id()): pytest.approx(0.8)}
@@ -751,7 +751,7 @@ def test_ridge_weighs_families_not_datasets(tmp_path):
     assert b_a == pytest.approx((3 * 0.0 - 0.20) / 4) and b_b == pytest.approx((3 * -0.10 + 0.0) / 4)
 
 
-def test_batch_offsets_flag_a_sitting_that_sits_below_the_others(tmp_path):
+def test_batch_offsets_flag_a_batch_that_sits_below_the_others(tmp_path):
     from meta_db.batches import batch_offsets, markdown_batches
 
     path = tmp_path / "s.sqlite"
