@@ -78,6 +78,8 @@ class PipelineConfig:
     val_noise_z: float = 1.0
     val_fraction: float = 0.1
     val_max: int = 800
+    # Bounds the stored images and, before the steps build their other backbones, what the backbones and
+    # their inference engines hold (solver._step_backbones).
     memory_cap_gb: float = 4.0
     # The any-time steps (CPU top mode; autodl_core/stages/steps.py): after the first probe, steps of
     # growing strength, each started when the last one plateaus: a frozen probe of a backbone at the

@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 import numpy as np
+import psutil
 import torch
 
 from autodl_core import readers
@@ -46,10 +47,11 @@ class Solver:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.governor = ThreadGovernor()  # threads from the load other processes put on the machine
         self.governor.reading()
+        rss_before = _rss_gb()
         net = prepare_backbone(config, metadata, device, plan)  # before the clock starts: the kit does not time it
         self.nets = {net.name: net}
         if config.uses_steps(device.type):
-            self.nets.update(_step_backbones(config, metadata, device, plan))
+            self.nets.update(_step_backbones(config, metadata, device, plan, rss_before))
         planner = TimePlanner(net.rate)
         data = RunData(metadata, config, device, planner, net.mean, net.std, plan)
         self.ctx = RunContext(config, metadata, device, plan, net, planner, data, FeatureCaches(net, data, plan, device),
@@ -233,13 +235,34 @@ class Solver:
         }
 
 
-def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan) -> dict[str, Backbone]:
+def _rss_gb() -> float:
+    """This process's resident memory (GB)."""
+    return psutil.Process().memory_info().rss / 1e9
+
+
+def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan,
+                    rss_before: float | None = None) -> dict[str, Backbone]:
     """The other backbones the any-time steps may use, built and measured before the clock starts; one that
-    cannot be loaded (weights not installed) is left out, saying why."""
+    cannot be loaded (weights not installed) is left out, saying why.
+
+    Each backbone with its inference engines holds memory (the three of them ~1.5-2 GB on a 2-core EPYC
+    with OpenVINO): one is left out when what the backbones built so far hold, plus what the last one took,
+    would pass `memory_cap_gb` (`rss_before`: this process's memory before the first backbone was built).
+    """
     nets = {}
+    grown = max(0.0, _rss_gb() - rss_before) if rss_before is not None else 0.0
+    cost = grown  # the first backbone with its engines: about what one more takes
     for name in config.step_backbone_names()[1:]:
+        if rss_before is not None and grown + cost > config.memory_cap_gb:
+            log.info("step backbone %s left out: the backbones built hold %.2f GB and one more takes about %.2f GB, "
+                     "beyond the memory cap of %.2f GB", name, grown, cost, config.memory_cap_gb)
+            continue
         try:
             nets[name] = prepare_backbone(config, metadata, device, plan, name=name)
         except Exception as exc:  # missing weight package, unknown name: the steps go on without it
             log.warning("step backbone %s left out: %s", name, exc)
+            continue
+        if rss_before is not None:
+            now = max(0.0, _rss_gb() - rss_before)
+            cost, grown = (now - grown) if now > grown else cost, now
     return nets

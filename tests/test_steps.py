@@ -257,3 +257,33 @@ def test_when_no_stronger_step_fits_the_best_tuning_goes_on_from_its_weights():
     steps.current = goes_on
     solver.train(train, 60)
     assert solver.test(test, 60).shape == (len(test.labels), 10) and "resume" in " ".join(steps.history)
+
+
+def test_step_backbones_stay_within_the_memory_cap(monkeypatch):
+    """The backbones and their engines hold memory: under a small cap the steps keep the first backbone only,
+    under a large one every step backbone is built."""
+    from autodl_core import solver as solver_module
+    from autodl_core.config import PipelineConfig
+
+    built = []
+    monkeypatch.setattr(solver_module, "prepare_backbone",
+                        lambda config, metadata, device, plan, name=None: built.append(name) or name)
+    readings = iter([1.6, 2.2, 2.8])  # GB: after the first backbone, then after each step backbone
+    monkeypatch.setattr(solver_module, "_rss_gb", lambda: next(readings))
+    config = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=4.0)
+    nets = solver_module._step_backbones(config, None, torch.device("cpu"), None, rss_before=1.0)
+    assert list(nets) == built == ["efficientnet_lite0", "efficientnet_lite2"]
+
+    built.clear()
+    readings = iter([1.6, 2.2])
+    monkeypatch.setattr(solver_module, "_rss_gb", lambda: next(readings))
+    small = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=1.5)
+    nets = solver_module._step_backbones(small, None, torch.device("cpu"), None, rss_before=1.0)
+    # 0.6 GB after the first, 0.6 more for Lite0 (1.2 <= 1.5); Lite2 would make about 1.8: left out
+    assert list(nets) == built == ["efficientnet_lite0"]
+
+    built.clear()
+    monkeypatch.setattr(solver_module, "_rss_gb", lambda: 1.6)
+    tiny = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=0.05)
+    assert solver_module._step_backbones(tiny, None, torch.device("cpu"), None, rss_before=1.0) == {}
+    assert built == []
