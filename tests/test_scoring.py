@@ -197,7 +197,10 @@ def export_kit_scoring(dest: Path) -> Path:
 
 def run_kit_score(tmp_path: Path, sol: Path, pred_dir: Path) -> dict:
     score_py = export_kit_scoring(tmp_path / "kit")
-    boot = KIT_RUN.parent / "kit_shim" / "boot.py"
+    # The repository's runner keeps its shims in tools/kit/shim/; a runner given by $AUTODL_KIT_RUN (the
+    # layout before 0.3.0) in kit_shim/ beside it.
+    boot = next((p for p in (KIT_RUN.parent / "shim" / "boot.py", KIT_RUN.parent / "kit_shim" / "boot.py")
+                 if p.is_file()), KIT_RUN.parent / "shim" / "boot.py")
     score_dir = tmp_path / "kit_scores"
     subprocess.run([sys.executable, str(boot), str(score_py), f"--solution_dir={sol.parent}",
                     f"--prediction_dir={pred_dir}", f"--score_dir={score_dir}"],
