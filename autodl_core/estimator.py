@@ -170,7 +170,7 @@ class AutoDLClassifier:
             raise TypeError(f"pipeline= returned {type(config).__name__}, not a PipelineConfig")
         raise TypeError(f"pipeline= takes a PipelineConfig or a function of the metadata, not {type(choice).__name__}")
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ checks and label columns
     def _check_fitted(self) -> None:
         if not hasattr(self, "_train"):
             raise ValueError("this AutoDLClassifier is not fitted yet: call fit(X, y) first")
@@ -182,13 +182,10 @@ class AutoDLClassifier:
             if y.ndim != 2 or y.shape[1] != len(self.classes_):
                 raise ValueError(f"expected an N x {len(self.classes_)} 0/1 label array, got shape {y.shape}")
             return y.astype(np.float32)
-        index = {label: i for i, label in enumerate(self.classes_.tolist())}
-        unknown = sorted({str(v) for v in y.tolist() if v not in index})
+        unknown = sorted({str(v) for v in np.setdiff1d(y, self.classes_).tolist()})
         if unknown:
             raise ValueError(f"labels not seen in training: {unknown[:5]}")
-        solution = np.zeros((len(y), len(self.classes_)), np.float32)
-        solution[np.arange(len(y)), [index[v] for v in y.tolist()]] = 1
-        return solution
+        return one_hot(y, self.classes_)
 
 
 def label_matrix(y) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -200,8 +197,7 @@ def label_matrix(y) -> tuple[np.ndarray, np.ndarray, bool]:
         classes = np.unique(y)
         if len(classes) < 2:
             raise ValueError(f"y holds one class only ({classes[0]!r}): a classifier needs at least two")
-        targets = (y[:, None] == classes[None, :]).astype(np.float32)
-        return targets, classes, False
+        return one_hot(y, classes), classes, False
     if y.ndim == 2:
         if y.shape[1] < 2:
             raise ValueError(f"a label matrix needs at least two columns, got shape {y.shape}")
@@ -210,6 +206,11 @@ def label_matrix(y) -> tuple[np.ndarray, np.ndarray, bool]:
         multilabel = bool((y.sum(axis=1) != 1).any())
         return y.astype(np.float32), np.arange(y.shape[1]), multilabel
     raise ValueError(f"y must be N labels or an N x K 0/1 array, got shape {y.shape}")
+
+
+def one_hot(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """N x K float32 rows, a 1 in the column of each label's class (`classes` in column order)."""
+    return (np.asarray(y)[:, None] == classes[None, :]).astype(np.float32)
 
 
 def images_key(X) -> str:

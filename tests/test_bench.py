@@ -8,7 +8,7 @@ import pytest
 from tools import bench
 from tools.shared_paths import default_kit_run
 from tools.errors import UserInputError
-try:  # helpers shared with the runner tests (toy model.py, tiny dataset)
+try:  # functions shared with the runner tests (toy model.py, tiny dataset)
     from test_runner import make_tiny_dataset, write_code
 except ImportError:  # tests/ made a package
     from tests.test_runner import make_tiny_dataset, write_code

@@ -120,13 +120,14 @@ def tools_kit(capsys, *argv) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------ where it is, what it ships
-def test_default_kit_run_is_the_repository_script(monkeypatch):
+def test_default_kit_run_is_the_repository_script(monkeypatch, tmp_path):
     monkeypatch.delenv("AUTODL_KIT_RUN", raising=False)
     path = Path(default_kit_run())
     assert path.is_file() and path.resolve().is_relative_to(REPO_ROOT)
     assert path == REPO_ROOT / "tools" / "kit" / "run.py"
-    monkeypatch.setenv("AUTODL_KIT_RUN", "/elsewhere/runner")
-    assert default_kit_run() == "/elsewhere/runner"
+    elsewhere = str(tmp_path / "elsewhere" / "runner")
+    monkeypatch.setenv("AUTODL_KIT_RUN", elsewhere)
+    assert default_kit_run() == elsewhere
 
 
 @pytest.mark.parametrize("name", ["boot.py", "tf1_estimator.py"])
@@ -182,13 +183,14 @@ def test_runner_starts_as_a_script_and_as_a_module(tmp_path, how):
 
 
 # ------------------------------------------------------------------ options and errors
-def test_options_and_their_defaults(monkeypatch):
-    monkeypatch.setenv("AUTODL_KIT_GIT", "/some/kit.git")
-    monkeypatch.setenv("KIT_PYTHON", "/some/python")
+def test_options_and_their_defaults(monkeypatch, tmp_path):
+    kit_git, python = str(tmp_path / "kit.git"), str(tmp_path / "python")
+    monkeypatch.setenv("AUTODL_KIT_GIT", kit_git)
+    monkeypatch.setenv("KIT_PYTHON", python)
     monkeypatch.delenv("KIT_TF_MODE", raising=False)
     args = kit_run.build_parser().parse_args(["--code-dir", "c", "--dataset-dir", "kit:miniciao",
                                               "--time-budget", "60", "--out", "o"])
-    assert (args.kit, args.kit_rev, args.python, args.tf_mode) == ("/some/kit.git", "HEAD", "/some/python", "graph")
+    assert (args.kit, args.kit_rev, args.python, args.tf_mode) == (kit_git, "HEAD", python, "graph")
     assert args.time_budget == 60.0 and not (args.verbose or args.keep_kit or args.no_copy_code)
     with pytest.raises(SystemExit) as exit_info:
         kit_run.build_parser().parse_args(["--code-dir", "c", "--dataset-dir", "d", "--time-budget", "60",
