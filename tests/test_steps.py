@@ -287,3 +287,79 @@ def test_step_backbones_stay_within_the_memory_cap(monkeypatch):
     tiny = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=0.05)
     assert solver_module._step_backbones(tiny, None, torch.device("cpu"), None, rss_before=1.0) == {}
     assert built == []
+
+
+class _StoredData:
+    """What the steps' choices read of the run's data: stored and large sizes, counts."""
+
+    def __init__(self, stored, large, n_train, n_test):
+        from types import SimpleNamespace
+
+        self.profile = SimpleNamespace(storage_hw=tuple(stored), flip_ok=True)
+        self.large_storage_hw = tuple(large) if large is not None else None
+        self.n_read, self.n_test_read = n_train, n_test
+
+    def step_storage_hw(self):
+        return self.large_storage_hw or self.profile.storage_hw
+
+    def reread_needed(self, size):
+        large = self.large_storage_hw
+        return large is not None and large != self.profile.storage_hw and min(size) > min(self.profile.storage_hw)
+
+
+def _steps_for(n_train, n_test, stored, large=None, left=255.0):
+    """A StepsStage after its first probe at 64 px, with MobileNetV2's rates on a 2-core AVX-512 EPYC
+    (frozen pass 3,336 img/s at 64 px; the top's training 842 / 395 img/s at 64 / 128 px)."""
+    from types import SimpleNamespace
+
+    from autodl_core.config import PipelineConfig
+    from autodl_core.learner import RateMeter
+    from autodl_core.planner import TimePlanner
+    from autodl_core.stages.steps import StepsStage
+
+    config = PipelineConfig()
+
+    def net(name, slower=1.0):
+        return SimpleNamespace(name=name, rate=RateMeter(3336.0 * 64 * 64 / slower),
+                               train_rate=SideRate([(64, 842.0 / slower), (128, 395.0 / slower)]))
+
+    nets = {n.name: n for n in (net(config.backbone), net("efficientnet_lite0", 2.0), net("efficientnet_lite2", 2.2))}
+    ctx = SimpleNamespace(config=config, planner=TimePlanner(nets[config.backbone].rate),
+                          data=_StoredData(stored, large, n_train, n_test))
+    steps = StepsStage(ctx, thumbnails=None, probe=SimpleNamespace(size=(64, 64)), nets=nets)
+    n_val = min(500, n_train // 10)
+    steps.val_idx, steps.fit_idx = np.arange(n_val), np.arange(n_val, n_train)
+    return steps, nets, config
+
+
+def test_a_large_set_tunes_its_backbone_to_the_end_at_the_size_its_images_afford():
+    """CIFAR-10's size (49,500 + 500 held out, 10,000 test, 32 px): a larger frozen probe first, then the
+    pipeline's backbone fine-tuned until the end (not three more probes and a short tuning at 80 px)."""
+    import time
+
+    steps, nets, config = _steps_for(50_000, 10_000, stored=(32, 32))
+    deadline = time.monotonic() + 255.0
+    first = steps._stronger_step(deadline)
+    assert first.net is nets[config.backbone] and not first.then_tune and min(first.size) > 64
+    steps.current = None
+    second = steps._stronger_step(deadline)
+    assert second.net is nets[config.backbone] and second.then_tune and second.tune_to_end
+    assert 64 <= min(second.size) <= min(first.size)
+    small, _, _ = _steps_for(1_000, 300, stored=(32, 32))  # where three epochs fit: a step, not the whole run
+    step = small._stronger_step(deadline)
+    assert step.then_tune and not step.tune_to_end
+
+
+def test_before_reading_the_data_again_the_steps_look_at_the_stored_size():
+    """Photos stored at 128 px for the early stages and wanted at 340 x 384: one frozen probe at the stored
+    size (no reading) comes before the step that reads them all again."""
+    import time
+
+    steps, nets, config = _steps_for(1_000, 272, stored=(128, 144), large=(340, 384))
+    deadline = time.monotonic() + 280.0
+    first = steps._stronger_step(deadline)
+    assert not steps.ctx.data.reread_needed(first.size) and min(first.size) >= 64 * 1.3
+    assert not first.then_tune
+    steps.current = None
+    second = steps._stronger_step(deadline)
+    assert steps.ctx.data.reread_needed(second.size) and second.net is first.net
