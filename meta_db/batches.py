@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meta_db.store import HARNESS_ERROR, IN_USE, MACHINE_INSTANCE, Store
+from meta_db.store import Store
 
 MIN_PAIRED = 3  # fewer paired runs than this: no verdict
 SUSPECT_SE = 3.0  # an offset beyond this many standard errors (and beyond one run's noise) is flagged
@@ -57,14 +57,9 @@ def batch_offsets(store_path, time_budget: float, hardware: str, iterations: int
     paired runs), so the typical batch sits at 0 and one odd batch stands out. A retired batch gets
     its offset against every cell the batches in use measured, never shaping them.
     """
-    with Store(store_path, readonly=True) as store:  # retirement: the store's own rule (IN_USE)
-        rows = store.conn.execute(
-            "SELECT dataset_id, pipeline_id, COALESCE(code_version, '') || COALESCE('@' || NULLIF("
-            f"{MACHINE_INSTANCE}, ''), '') AS batch, COALESCE(alc, 0.0) AS alc, "
-            f"COALESCE(finished_at, '') AS finished, NOT ({IN_USE}) AS retired FROM runs "
-            "WHERE status != ? AND time_budget = ? AND hardware = ?",
-            (HARNESS_ERROR, float(time_budget), hardware)).fetchall()
-    retired_batches = {r["batch"] for r in rows if r["retired"]}  # a batch is one code version: all or none
+    with Store(store_path, readonly=True) as store:  # retirement: the store's own rule
+        rows = store.batch_runs(time_budget, hardware)
+    retired_batches = {r.batch for r in rows if r.retired}  # a batch is one code version: all or none
 
     def is_retired(batch: str) -> bool:
         return batch in retired_batches
@@ -72,12 +67,12 @@ def batch_offsets(store_path, time_budget: float, hardware: str, iterations: int
     times: dict[str, list[str]] = defaultdict(list)
     in_cell: dict[tuple, set] = defaultdict(set)
     for r in rows:
-        times[r["batch"]].append(r["finished"])
-        if not is_retired(r["batch"]):
-            in_cell[(r["dataset_id"], r["pipeline_id"])].add(r["batch"])
+        times[r.batch].append(r.finished)
+        if not is_retired(r.batch):
+            in_cell[(r.dataset_id, r.pipeline_id)].add(r.batch)
     shared = {cell for cell, batches in in_cell.items() if len(batches) >= 2}
-    runs = [(r["batch"], (r["dataset_id"], r["pipeline_id"]), float(r["alc"])) for r in rows
-            if (r["dataset_id"], r["pipeline_id"]) in shared]
+    runs = [(r.batch, (r.dataset_id, r.pipeline_id), float(r.alc)) for r in rows
+            if (r.dataset_id, r.pipeline_id) in shared]
     fitting = [run for run in runs if not is_retired(run[0])]
     effect = defaultdict(float)
     cell = {}
@@ -102,13 +97,13 @@ def batch_offsets(store_path, time_budget: float, hardware: str, iterations: int
     # the cell's value then comes from that batch's runs, corrected by its effect).
     in_use_values = defaultdict(list)
     for r in rows:
-        if not is_retired(r["batch"]):
-            in_use_values[(r["dataset_id"], r["pipeline_id"])].append(float(r["alc"]) - effect[r["batch"]])
+        if not is_retired(r.batch):
+            in_use_values[(r.dataset_id, r.pipeline_id)].append(float(r.alc) - effect[r.batch])
     retired_differences = defaultdict(list)
     for r in rows:
-        key = (r["dataset_id"], r["pipeline_id"])
-        if is_retired(r["batch"]) and key in in_use_values:
-            retired_differences[r["batch"]].append(float(r["alc"]) - float(np.mean(in_use_values[key])))
+        key = (r.dataset_id, r.pipeline_id)
+        if is_retired(r.batch) and key in in_use_values:
+            retired_differences[r.batch].append(float(r.alc) - float(np.mean(in_use_values[key])))
     for batch, differences in retired_differences.items():
         effect[batch] = float(np.mean(differences))
         residuals[batch] = [d - effect[batch] for d in differences]

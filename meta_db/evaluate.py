@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from meta_db.selector import DEFAULT_K, DEFAULT_SELECTOR, Knowledge, best_fixed, make_selector
+from meta_db.knowledge import Knowledge, best_fixed, load_knowledge
+from meta_db.selectors import DEFAULT_K, DEFAULT_SELECTOR, make_selector
 
 
 @dataclass
@@ -48,7 +49,7 @@ class LodoRow:
 
 def leave_one_dataset_out(knowledge: Knowledge, k: int = DEFAULT_K, default_id: str | None = None,
                           method: str = DEFAULT_SELECTOR) -> list[LodoRow]:
-    """One row per dataset with a choice; `method` names the selector (meta_db.selector.SELECTORS)."""
+    """One row per dataset with a choice; `method` names the selector (meta_db.selectors.SELECTORS)."""
     rows = []
     for i, dataset_id in enumerate(knowledge.dataset_ids):
         measured = ~np.isnan(knowledge.alc[i])
@@ -192,7 +193,6 @@ def evaluate_store(store_path, time_budget: float | None = None, hardware: str |
     `machine_instance`: only the runs of that machine (see `load_knowledge`)."""
     from autodl_core.config import PipelineConfig
     from meta_db.second_choice import gate, with_landmarks
-    from meta_db.selector import load_knowledge
 
     knowledge = load_knowledge(store_path, time_budget=time_budget, hardware=hardware,
                                machine_instance=machine_instance)
@@ -209,3 +209,31 @@ def evaluate_store(store_path, time_budget: float | None = None, hardware: str |
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return rows, text
+
+
+def write_lodo_stores(store_path, out_dir, k: int = DEFAULT_K,
+                      method: str | None = None) -> list[tuple[str, Path, str]]:
+    """One store per corpus family with that family left out, and what the selector then picks for it.
+
+    Run the solver on a held-out dataset with AUTODL_META_STORE=<its store> to measure, end to end,
+    the selection that the leave-one-dataset-out table only looks up. Returns (family, path, choice).
+    """
+    from meta_db.metafeatures import zero_shot_vector
+    from meta_db.store import Store
+
+    with Store(store_path, readonly=True) as store:
+        datasets = {d.dataset_id: d for d in store.datasets()}
+        stratum = load_knowledge(store_path)
+        families = sorted({datasets[d].family_id for d in stratum.dataset_ids})
+        written = []
+        for family in families:
+            path = store.copy_without_family(family, Path(out_dir) / f"{family}.sqlite")
+            held_out = datasets.get(family)
+            choice = "-"
+            if held_out is not None:
+                knowledge = load_knowledge(path, time_budget=stratum.time_budget, hardware=stratum.hardware)
+                pipeline_id, reason = make_selector(knowledge, method, k=k).choose(
+                    zero_shot_vector(held_out.metadata_features))
+                choice = reason if pipeline_id else "default pipeline (nothing measured)"
+            written.append((family, path, choice))
+    return written

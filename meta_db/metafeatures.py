@@ -10,7 +10,8 @@
   throughput. They stratify the runs (runs on a CPU say little about a GPU) rather than
   enter the distance.
 
-`zero_shot_vector` turns metadata features into the numeric vector the selector compares.
+`zero_shot_vector` turns metadata features into the numeric vector the selector compares: one small
+function per zero-shot meta-feature, in one ordered registry (ZERO_SHOT_FEATURES, names ZERO_SHOT_NAMES).
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 # Used when the metadata gives no fixed size (rows or cols = -1): a typical working side.
 VARIABLE_SIZE_SIDE = 64
-ZERO_SHOT_NAMES = ("log_n_train", "log_n_classes", "log_examples_per_class", "log_side", "log_aspect",
-                   "color", "variable_size")
 
 
 # ---------------------------------------------------------------------- metadata (zero-shot)
@@ -40,8 +41,80 @@ def metadata_features(metadata) -> dict:
             "variable_size": bool(rows <= 0 or cols <= 0)}
 
 
-def zero_shot_vector(features: dict) -> np.ndarray:
-    """Numeric vector (ZERO_SHOT_NAMES order) from `metadata_features`; raises ValueError on nonsense."""
+@dataclass(frozen=True)
+class ZeroShotMetadata:
+    """The metadata features the zero-shot meta-features read, as numbers (`zero_shot_metadata` checks them)."""
+
+    n_train: float
+    n_classes: float
+    rows: float
+    cols: float
+    channels: float
+
+    @property
+    def variable_size(self) -> bool:
+        """No fixed image size: rows or cols unknown (<= 0) or not a number."""
+        return self.rows <= 0 or self.cols <= 0 or not (math.isfinite(self.rows) and math.isfinite(self.cols))
+
+    @property
+    def side(self) -> float:
+        """The shorter image side (VARIABLE_SIZE_SIDE for variable-size images)."""
+        return VARIABLE_SIZE_SIDE if self.variable_size else min(self.rows, self.cols)
+
+
+# The zero-shot meta-features, one small function each, in the order of the vector the selector compares
+# (`zero_shot_vector`): the registration order, i.e. the order of definition below.
+ZERO_SHOT_FEATURES: dict[str, Callable[[ZeroShotMetadata], float]] = {}
+
+
+def zero_shot_feature(function: Callable[[ZeroShotMetadata], float]) -> Callable[[ZeroShotMetadata], float]:
+    """Registers `function` as the zero-shot meta-feature named after it, after the ones registered before."""
+    ZERO_SHOT_FEATURES[function.__name__] = function
+    return function
+
+
+@zero_shot_feature
+def log_n_train(m: ZeroShotMetadata) -> float:
+    return math.log10(m.n_train)
+
+
+@zero_shot_feature
+def log_n_classes(m: ZeroShotMetadata) -> float:
+    return math.log10(m.n_classes)
+
+
+@zero_shot_feature
+def log_examples_per_class(m: ZeroShotMetadata) -> float:
+    return math.log10(max(m.n_train / m.n_classes, 1e-3))
+
+
+@zero_shot_feature
+def log_side(m: ZeroShotMetadata) -> float:
+    return math.log2(max(m.side, 1.0))
+
+
+@zero_shot_feature
+def log_aspect(m: ZeroShotMetadata) -> float:
+    """|log2(rows / cols)|: 0 for square images, and for variable-size ones (no aspect known)."""
+    return 0.0 if m.variable_size else abs(math.log2(m.rows / m.cols))
+
+
+@zero_shot_feature
+def color(m: ZeroShotMetadata) -> float:
+    return 1.0 if m.channels >= 3 else 0.0
+
+
+@zero_shot_feature
+def variable_size(m: ZeroShotMetadata) -> float:
+    return 1.0 if m.variable_size else 0.0
+
+
+ZERO_SHOT_NAMES = tuple(ZERO_SHOT_FEATURES)
+
+
+def zero_shot_metadata(features: dict) -> ZeroShotMetadata:
+    """`metadata_features` as numbers; ValueError when one is missing or not a number, or when there is not
+    at least one training example and one class."""
     try:
         n_train = float(features["n_train"])
         n_classes = float(features["n_classes"])
@@ -51,21 +124,22 @@ def zero_shot_vector(features: dict) -> np.ndarray:
         raise ValueError(f"incomplete metadata features {features!r}: {exc}") from None
     if not (n_train >= 1 and n_classes >= 1 and math.isfinite(n_train) and math.isfinite(n_classes)):
         raise ValueError(f"metadata features need n_train >= 1 and n_classes >= 1, got {features!r}")
-    variable = rows <= 0 or cols <= 0 or not (math.isfinite(rows) and math.isfinite(cols))
-    side = VARIABLE_SIZE_SIDE if variable else min(rows, cols)
-    aspect = 0.0 if variable else abs(math.log2(rows / cols))
-    vector = np.array([
-        math.log10(n_train),
-        math.log10(n_classes),
-        math.log10(max(n_train / n_classes, 1e-3)),
-        math.log2(max(side, 1.0)),
-        aspect,
-        1.0 if channels >= 3 else 0.0,
-        1.0 if variable else 0.0,
-    ], dtype=np.float64)
+    return ZeroShotMetadata(n_train, n_classes, rows, cols, channels)
+
+
+def zero_shot_vector(features: dict) -> np.ndarray:
+    """Numeric vector (ZERO_SHOT_NAMES order) from `metadata_features`; raises ValueError on nonsense."""
+    metadata = zero_shot_metadata(features)
+    vector = np.array([feature(metadata) for feature in ZERO_SHOT_FEATURES.values()], dtype=np.float64)
     if not np.all(np.isfinite(vector)):
         raise ValueError(f"metadata features give a non-finite vector: {features!r}")
     return vector
+
+
+def zero_shot_of(metadata) -> np.ndarray:
+    """The zero-shot vector of a run's metadata (the kit's AutoDLMetadata): what the selector and the
+    in-run second choice compare with the store's datasets."""
+    return zero_shot_vector(metadata_features(metadata))
 
 
 # ---------------------------------------------------------------------- hardware

@@ -28,7 +28,9 @@ import numpy as np
 
 from autodl_core.config import PipelineConfig
 from meta_db.metafeatures import landmark_nauc
-from meta_db.selector import DEFAULT_K, Knowledge, make_selector, selector_for
+from meta_db.knowledge import Knowledge
+from meta_db.selector import selector_for
+from meta_db.selectors import DEFAULT_K, make_selector
 
 THUMBNAIL_LANDMARK = "landmark_thumbnail_nauc"
 LANDMARK_EXAMPLES = 1000  # the first examples the landmarkers use, as `read_first_chunk` offline
@@ -191,14 +193,14 @@ class SecondChoice:
 def second_choice_for(metadata, first: PipelineConfig) -> SecondChoice | None:
     """The callback for a run whose first choice came from the store; None when the pipeline was forced
     (meta-training measures exactly the pipeline it asked for) or no store or metadata is usable."""
-    from meta_db.metafeatures import metadata_features, zero_shot_vector
+    from meta_db.metafeatures import zero_shot_of
     from meta_db.selector import ENV_PIPELINE, store_path
 
     if os.environ.get(ENV_PIPELINE):
         return None
     path = store_path()
     try:
-        vector = zero_shot_vector(metadata_features(metadata))
+        vector = zero_shot_of(metadata)
     except Exception:
         return None
     return SecondChoice(path, first, vector) if path.is_file() else None

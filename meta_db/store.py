@@ -42,9 +42,9 @@ BUSY_TIMEOUT_SECONDS = 60.0
 HARNESS_ERROR = "harness_error"
 COMMIT_PREFIX = re.compile(r"[0-9a-f]{4,40}")  # a git commit or its prefix, as runs name their code version
 # SQL condition on `runs`: the run was not measured by a retired code version.
-IN_USE = "NOT EXISTS (SELECT 1 FROM retired_code rc WHERE runs.code_version LIKE rc.code_version || '%')"
+_IN_USE = "NOT EXISTS (SELECT 1 FROM retired_code rc WHERE runs.code_version LIKE rc.code_version || '%')"
 # SQL expression on `runs`: the machine instance (boot id) that measured the run, NULL where not recorded.
-MACHINE_INSTANCE = "json_extract(runs.hardware_info, '$.machine_instance')"
+_MACHINE_INSTANCE = "json_extract(runs.hardware_info, '$.machine_instance')"
 
 # MIGRATIONS[v] upgrades a file at schema version v to v + 1.
 MIGRATIONS: dict[int, str] = {
@@ -191,6 +191,34 @@ class RunRecord:
     def from_dict(cls, data: dict) -> "RunRecord":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class CellMean:
+    """The runs of one cell (dataset, pipeline) of one stratum (time budget, hardware) that `Store.cell_means`
+    counts: how many, their mean ALC and mean squared ALC (a run without an ALC counts as 0)."""
+
+    dataset_id: str
+    pipeline_id: str
+    time_budget: float
+    hardware: str
+    alc: float
+    alc2: float
+    n: int
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """One run of a stratum as `meta_db.batches` compares them: its cell, its measuring batch
+    (`code_version@machine_instance`, the code version alone where the run names no instance), its ALC
+    (0 when missing), when it finished ("" when unknown) and whether its code version is retired."""
+
+    dataset_id: str
+    pipeline_id: str
+    batch: str
+    alc: float
+    finished: str
+    retired: bool
 
 
 def task_key(dataset_id: str, pipeline_id: str, time_budget: float, seed: int = 0, tf_mode: str = "graph",
@@ -374,20 +402,48 @@ class Store:
     def measured_keys(self) -> set[str]:
         """Run keys of the runs in use that measured the solver: what meta-training need not redo (a
         harness error is not a measurement; a retired code version's run is a different solver's)."""
-        return {r[0] for r in self.conn.execute(f"SELECT run_key FROM runs WHERE status != ? AND {IN_USE}",
+        return {r[0] for r in self.conn.execute(f"SELECT run_key FROM runs WHERE status != ? AND {_IN_USE}",
                                                 (HARNESS_ERROR,))}
 
     def alc_table(self, time_budget: float | None = None, hardware: str | None = None) -> dict:
         """{(dataset_id, pipeline_id): mean ALC} over the runs in use that measured the solver (harness errors
         and retired code versions left out)."""
         sql = (f"SELECT dataset_id, pipeline_id, AVG(COALESCE(alc, 0.0)) AS alc FROM runs WHERE status != ? "
-               f"AND {IN_USE}"
+               f"AND {_IN_USE}"
                + (" AND time_budget = ?" if time_budget is not None else "")
                + (" AND hardware = ?" if hardware is not None else "")
                + " GROUP BY dataset_id, pipeline_id")
         params = [HARNESS_ERROR] + ([float(time_budget)] if time_budget is not None else []) \
             + ([hardware] if hardware is not None else [])
         return {(r["dataset_id"], r["pipeline_id"]): float(r["alc"]) for r in self.conn.execute(sql, params)}
+
+    def cell_means(self, machine_instance: str | None = None) -> list[CellMean]:
+        """Every cell of every stratum over the runs in use that measured the solver (harness errors and
+        retired code versions left out): what the selector learns from.
+
+        `machine_instance` (a boot id prefix, as runs record it) keeps only that machine's runs."""
+        instance_filter, params = "", [HARNESS_ERROR]
+        if machine_instance:  # a prefix match without LIKE: no character of the id acts as a wildcard
+            instance_filter = f" AND instr({_MACHINE_INSTANCE}, ?) = 1"
+            params.append(machine_instance.strip().lower())
+        rows = self.conn.execute(
+            "SELECT dataset_id, pipeline_id, time_budget, hardware, AVG(COALESCE(alc, 0.0)) AS alc, "
+            "AVG(COALESCE(alc, 0.0) * COALESCE(alc, 0.0)) AS alc2, COUNT(*) AS n "
+            f"FROM runs WHERE status != ? AND {_IN_USE}{instance_filter} GROUP BY 1, 2, 3, 4", params).fetchall()
+        return [CellMean(r["dataset_id"], r["pipeline_id"], r["time_budget"], r["hardware"], r["alc"], r["alc2"],
+                         r["n"]) for r in rows]
+
+    def batch_runs(self, time_budget: float, hardware: str) -> list[BatchRun]:
+        """The runs of one stratum that measured the solver (harness errors left out), retired ones included
+        and marked: a retired batch is still compared with the others, by the store's own rule of retirement."""
+        rows = self.conn.execute(
+            "SELECT dataset_id, pipeline_id, COALESCE(code_version, '') || COALESCE('@' || NULLIF("
+            f"{_MACHINE_INSTANCE}, ''), '') AS batch, COALESCE(alc, 0.0) AS alc, "
+            f"COALESCE(finished_at, '') AS finished, NOT ({_IN_USE}) AS retired FROM runs "
+            "WHERE status != ? AND time_budget = ? AND hardware = ?",
+            (HARNESS_ERROR, float(time_budget), hardware)).fetchall()
+        return [BatchRun(r["dataset_id"], r["pipeline_id"], r["batch"], r["alc"], r["finished"], bool(r["retired"]))
+                for r in rows]
 
     def delete_runs(self, study: str) -> int:
         """Forget every run recorded under `study` (e.g. 'bench:kit' imports); returns how many.
@@ -465,7 +521,7 @@ class Store:
         sql = ("SELECT p.pipeline_id, p.name, p.config FROM pipelines p "
                "WHERE p.pipeline_id NOT IN (SELECT pipeline_id FROM retired_pipelines) "
                "AND EXISTS (SELECT 1 FROM runs WHERE runs.pipeline_id = p.pipeline_id AND runs.status != ? "
-               f"AND {IN_USE}) ORDER BY p.created_at, p.pipeline_id")
+               f"AND {_IN_USE}) ORDER BY p.created_at, p.pipeline_id")
         return [(r["pipeline_id"], r["name"], json.loads(r["config"]))
                 for r in self.conn.execute(sql, (HARNESS_ERROR,))]
 
@@ -481,11 +537,11 @@ class Store:
 
     def _run_count_of(self, pipeline_ids: list[str]) -> int:
         marks = ",".join("?" * len(pipeline_ids))
-        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE pipeline_id IN ({marks}) AND {IN_USE}",
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE pipeline_id IN ({marks}) AND {_IN_USE}",
                                      pipeline_ids).fetchone()[0])
 
     def _retired_run_count(self) -> int:
-        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE NOT {IN_USE}").fetchone()[0])
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM runs WHERE NOT {_IN_USE}").fetchone()[0])
 
     def copy_without_family(self, family_id: str, out_path: str | os.PathLike) -> Path:
         """A copy of this store that never saw `family_id` (its datasets, variants and runs removed).

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from autodl_core.config import PipelineConfig
-from meta_db.selector import choose_stratum, load_knowledge, make_selector
+from meta_db.knowledge import choose_stratum, load_knowledge
+from meta_db.selectors import make_selector
 from meta_db.store import DatasetRecord, RunRecord, Store
 from tools.import_npz import import_npz_bench
 
@@ -43,10 +44,9 @@ def test_gpu_rows_become_their_own_stratum_and_cpu_rows_are_skipped(tmp_path):
     assert any("pipeline is not recorded" in m for m in messages)
     assert any("dataset not in the store" in m for m in messages)
     with Store(store_path, readonly=True) as store:
-        runs = store.conn.execute("SELECT hardware, tf_mode, code_version FROM runs "
-                                  "WHERE hardware != 'cpu2'").fetchall()
-    assert {r["hardware"] for r in runs} == {"cuda-nvidia-h200"} and {r["tf_mode"] for r in runs} == {"npz"}
-    assert {r["code_version"] for r in runs} == {"abc1234"}
+        runs = [r for r in store.runs() if r.hardware != "cpu2"]
+    assert {r.hardware for r in runs} == {"cuda-nvidia-h200"} and {r.tf_mode for r in runs} == {"npz"}
+    assert {r.code_version for r in runs} == {"abc1234"}
 
     gpu = load_knowledge(store_path, device_kind="cuda", time_budget=1200.0)
     assert gpu.hardware == "cuda-nvidia-h200" and set(gpu.dataset_ids) == {"cifar10", "pneumoniamnist"}

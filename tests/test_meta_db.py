@@ -12,8 +12,12 @@ import pytest
 
 from autodl_core.config import PipelineConfig
 from meta_db import selector as sel
-from meta_db.evaluate import best_fixed, evaluate_store, leave_one_dataset_out, markdown_report
-from meta_db.metafeatures import ZERO_SHOT_NAMES, hardware_key, metadata_features, zero_shot_vector
+from meta_db.evaluate import evaluate_store, leave_one_dataset_out, markdown_report, write_lodo_stores
+from meta_db.knowledge import ENV_BUDGET, NOISE_PRIOR_DOF, NOISE_SD_PRIOR, Knowledge, best_fixed, load_knowledge
+from meta_db.selectors import (ENV_SELECTOR, NearestNeighbourSelector, RidgeGapSelector, best_first, comparative_rows,
+                               make_selector)
+from meta_db.metafeatures import (ZERO_SHOT_FEATURES, ZERO_SHOT_NAMES, hardware_key, metadata_features,
+                                  zero_shot_metadata, zero_shot_of, zero_shot_vector)
 from meta_db.portfolio import PORTFOLIO, STRATEGIES, name_of, portfolio_ids, resolve_pipelines
 from meta_db.store import (HARNESS_ERROR, SCHEMA_VERSION, DatasetRecord, RunRecord, Store, StoreVersionError,
                            task_key)
@@ -46,6 +50,12 @@ class FakeMetadata:
 def features(n, k, side, channels, rows=None):
     return {"n_train": n, "n_classes": k, "rows": rows if rows is not None else side, "cols": side,
             "channels": channels, "variable_size": side <= 0}
+
+
+def on_device(monkeypatch, kind):
+    """As on a `kind` machine: the stratum load_knowledge reads and the selector's cache key."""
+    monkeypatch.setattr("meta_db.knowledge.current_device_kind", lambda: kind)
+    monkeypatch.setattr(sel, "current_device_kind", lambda: kind)
 
 
 def add_dataset(store, dataset_id, feats, alcs, budget=300.0, hardware="cpu2", family=None, parent=None):
@@ -178,7 +188,7 @@ def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
             store.retire_code(["bb%"], "wildcards are not commits")
         with pytest.raises(ValueError, match="at least one"):
             store.retire_code([], "nothing named")
-    knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
+    knowledge = load_knowledge(path, time_budget=300, hardware="cpu2")
     assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()]  # A's cells were all retired code
     with Store(path, readonly=True) as store:
         assert [pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()] == [DEFAULT.pipeline_id()]
@@ -187,7 +197,7 @@ def test_retired_code_versions_stay_recorded_but_are_not_learned_from(tmp_path):
             store.restore_code(["cccc"])
         assert store.restore_code(["aaaa", "aaaa1111"]) == 3
         assert store.alc_table()[("gray", A.pipeline_id())] == pytest.approx(0.925)  # both seeds back
-    assert sorted(sel.load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == \
+    assert sorted(load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == \
         sorted([A.pipeline_id(), DEFAULT.pipeline_id()])
 
 
@@ -205,8 +215,8 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
             store.retire_pipelines([A.pipeline_id()], "")
         with pytest.raises(ValueError, match="not in the store"):
             store.retire_pipelines(["0123456789ab"], "unknown")
-    knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
-    assert sel.make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == A.pipeline_id()
+    knowledge = load_knowledge(path, time_budget=300, hardware="cpu2")
+    assert make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == A.pipeline_id()
     # by portfolio name, through the command line
     assert main(["meta-train", "--retire-pipeline", "mnv2-top-r32", "--store", str(path)]) == 2  # no reason
     assert main(["meta-train", "--retire-pipeline", "mnv2-top-r32", "--reason", "never wins",
@@ -217,9 +227,9 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
         assert len(store.measured_keys()) == 4  # still measured: meta-training does not redo them
         assert store.summary()["retired_pipelines"] == {A.pipeline_id(): "never wins"}
         in_use = {pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()}  # what `tools package` ships for
-    knowledge = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
+    knowledge = load_knowledge(path, time_budget=300, hardware="cpu2")
     assert knowledge.pipeline_ids == [DEFAULT.pipeline_id()] == sorted(in_use)
-    assert sel.make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == DEFAULT.pipeline_id()
+    assert make_selector(knowledge).choose(zero_shot_vector(features(1000, 10, 28, 1)))[0] == DEFAULT.pipeline_id()
     assert main(["meta-train", "--restore-pipeline", "mnv2-probe", "--store", str(path)]) == 2  # not stored
     assert main(["meta-train", "--restore-pipeline", A.pipeline_id(), "--store", str(path)]) == 0
     with Store(path) as store:
@@ -227,7 +237,7 @@ def test_retired_pipelines_keep_their_runs_but_are_never_chosen(tmp_path, capsys
         with pytest.raises(ValueError, match="not retired"):
             store.restore_pipelines([A.pipeline_id()])
         in_use = {pipeline_id for pipeline_id, _, _ in store.pipelines_in_use()}
-    assert len(sel.load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == 2
+    assert len(load_knowledge(path, time_budget=300, hardware="cpu2").pipeline_ids) == 2
     assert in_use == {A.pipeline_id(), DEFAULT.pipeline_id()}
 
 
@@ -247,16 +257,16 @@ def test_one_machine_view_keeps_only_that_instances_runs(tmp_path, capsys):
             store.record_run(RunRecord(dataset, DEFAULT.pipeline_id(), 300, "cpu2", "ok", alc=0.85,
                                        hardware_info=epyc))
         store.record_run(RunRecord("gray", B.pipeline_id(), 300, "cpu2", "ok", alc=0.99))  # no instance recorded
-    mixed = sel.load_knowledge(path, time_budget=300, hardware="cpu2")
-    one = sel.load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="9f8e")
+    mixed = load_knowledge(path, time_budget=300, hardware="cpu2")
+    one = load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="9f8e")
     a, default = mixed.pipeline_ids.index(A.pipeline_id()), mixed.pipeline_ids.index(DEFAULT.pipeline_id())
     assert mixed.alc[0, a] > mixed.alc[0, default]  # mixed machines: A ahead on its Xeon runs
     assert B.pipeline_id() in mixed.pipeline_ids and B.pipeline_id() not in one.pipeline_ids
     a, default = one.pipeline_ids.index(A.pipeline_id()), one.pipeline_ids.index(DEFAULT.pipeline_id())
     assert one.alc[:, a].tolist() == pytest.approx([0.81, 0.80]) and (one.alc[:, default] == 0.85).all()
-    assert sel.load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="9F8E").pipeline_ids == \
+    assert load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="9F8E").pipeline_ids == \
         one.pipeline_ids  # case does not matter
-    assert sel.load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="%").pipeline_ids == []
+    assert load_knowledge(path, time_budget=300, hardware="cpu2", machine_instance="%").pipeline_ids == []
     assert main(["meta-train", "--evaluate", "--store", str(path), "--time-budget", "300", "--hardware", "cpu2",
                  "--machine-instance", "9f8e7d6c"]) == 0
     assert "Runs of machine instance 9f8e7d6c only." in capsys.readouterr().out
@@ -282,6 +292,27 @@ def test_store_upgrades_a_version_1_file_keeping_its_runs(tmp_path):
         assert store.retired_pipelines() == {} and store.retire_pipelines(["p"], "dropped") == 0  # its run: old code
 
 
+def test_store_answers_cell_means_and_batch_runs(tmp_path):
+    """What the selector and the batch comparison read, asked of the store (no SQL outside it)."""
+    with Store(tmp_path / "s.sqlite") as store:
+        store.upsert_dataset(DatasetRecord("d", features(1000, 10, 28, 1)))
+        store.upsert_pipeline(A)
+        for seed, alc, code, instance in ((0, 0.8, "aaaa111", "0a1b2c3d"), (1, 0.6, "aaaa111", None),
+                                          (2, 0.1, "bbbb222", "0a1b2c3d")):
+            store.record_run(RunRecord("d", A.pipeline_id(), 300, "cpu2", "ok", alc=alc, seed=seed, code_version=code,
+                                       hardware_info={"machine_instance": instance} if instance else None))
+        store.record_run(RunRecord("d", A.pipeline_id(), 300, "cpu2", HARNESS_ERROR, seed=3))
+        store.retire_code(["bbbb"], "an older solver")
+        [cell] = store.cell_means()  # the harness error and the retired run left out
+        assert (cell.dataset_id, cell.time_budget, cell.hardware, cell.n) == ("d", 300.0, "cpu2", 2)
+        assert math.isclose(cell.alc, 0.7) and math.isclose(cell.alc2, 0.5)
+        assert [c.n for c in store.cell_means(machine_instance="0A1B")] == [1]
+        runs = sorted(store.batch_runs(300, "cpu2"), key=lambda r: r.alc)
+        assert [(r.batch, r.retired) for r in runs] == [("bbbb222@0a1b2c3d", True), ("aaaa111", False),
+                                                        ("aaaa111@0a1b2c3d", False)]
+        assert store.batch_runs(60, "cpu2") == []
+
+
 # ---------------------------------------------------------------------- meta-features and portfolio
 
 
@@ -298,6 +329,18 @@ def test_zero_shot_vector():
     with pytest.raises(ValueError, match="incomplete"):
         zero_shot_vector({"n_train": 10})
     assert hardware_key("cpu", 8) == "cpu8" and hardware_key("cuda", 16, "NVIDIA H200") == "cuda-nvidia-h200"
+
+
+def test_zero_shot_features_are_one_ordered_registry():
+    """One function per meta-feature; the names and the vector both come from the registry, in its order."""
+    assert ZERO_SHOT_NAMES == tuple(ZERO_SHOT_FEATURES) == (
+        "log_n_train", "log_n_classes", "log_examples_per_class", "log_side", "log_aspect", "color", "variable_size")
+    meta = FakeMetadata(1000, 10, 56, 28, 3)
+    vector = zero_shot_of(meta)
+    assert np.array_equal(vector, zero_shot_vector(metadata_features(meta)))
+    checked = zero_shot_metadata(metadata_features(meta))
+    assert vector.tolist() == [feature(checked) for feature in ZERO_SHOT_FEATURES.values()]
+    assert vector[ZERO_SHOT_NAMES.index("log_aspect")] == pytest.approx(1.0)  # 56 x 28: twice as tall as wide
 
 
 def test_portfolio_is_small_valid_and_resolvable():
@@ -331,9 +374,9 @@ def test_selector_handles_out_of_range_metadata(synthetic_store):
     # a billion 4000-px images with 5000 classes: far from everything -> the best pipeline on average
     config, reason = sel.select_pipeline(FakeMetadata(10**9, 5000, 4000, 4000, 3), store=synthetic_store)
     assert "best on average" in reason and config in (A, B, C, DEFAULT)
-    knowledge = sel.load_knowledge(synthetic_store)
+    knowledge = load_knowledge(synthetic_store)
     assert config.pipeline_id() == best_fixed(knowledge)  # one definition of "best on average"
-    selector = sel.NearestNeighbourSelector(knowledge)
+    selector = NearestNeighbourSelector(knowledge)
     assert selector.choose(np.full(len(ZERO_SHOT_NAMES), np.nan))[1].endswith("unusable meta-features)")
     # garbage metadata never breaks the solver
     config, reason = sel.select_pipeline(FakeMetadata(0, 0, 0, 0, 0), store=synthetic_store)
@@ -362,7 +405,7 @@ def test_selector_skips_pipelines_this_code_cannot_run(synthetic_store):
                            (json.dumps({**A.to_dict(), "future_field": 1}), A.pipeline_id()))
     config, _ = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
     assert config != A
-    knowledge = sel.load_knowledge(synthetic_store, backbone_ok=lambda name: name != "efficientnet_lite0")
+    knowledge = load_knowledge(synthetic_store, backbone_ok=lambda name: name != "efficientnet_lite0")
     assert B.pipeline_id() not in knowledge.pipeline_ids
 
 
@@ -394,13 +437,13 @@ def test_selector_uses_the_stratum_of_this_machine_and_budget(tmp_path, monkeypa
             store.record_run(RunRecord("d", config.pipeline_id(), 300, "cuda-h200", "ok", alc=alc))
         store.record_run(RunRecord("d", C.pipeline_id(), 60, "cpu2", "ok", alc=0.99))
     meta = FakeMetadata(1000, 10, 28, 28, 1)
-    monkeypatch.setattr(sel, "current_device_kind", lambda: "cpu")
+    on_device(monkeypatch, "cpu")
     config, reason = sel.select_pipeline(meta, store=path)
     assert config == A and "T=300s, cpu2" in reason  # 300 s is nearer 1200 s than 60 s
-    monkeypatch.setenv(sel.ENV_BUDGET, "50")
+    monkeypatch.setenv(ENV_BUDGET, "50")
     assert sel.select_pipeline(meta, store=path)[0] == C
-    monkeypatch.delenv(sel.ENV_BUDGET)
-    monkeypatch.setattr(sel, "current_device_kind", lambda: "cuda")
+    monkeypatch.delenv(ENV_BUDGET)
+    on_device(monkeypatch, "cuda")
     assert sel.select_pipeline(meta, store=path)[0] == B
 
 
@@ -438,7 +481,7 @@ def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
         add_dataset(store, "odd", features(3000, 200, 48, 3), {A: 0.6, B: 0.6, C: 0.9, DEFAULT: 0.5})
         add_dataset(store, "odd__c150", features(2500, 150, 48, 3), {A: 0.6, B: 0.6, C: 0.9, DEFAULT: 0.5},
                     parent="odd")
-    knowledge = sel.load_knowledge(synthetic_store)
+    knowledge = load_knowledge(synthetic_store)
     assert knowledge.families[knowledge.dataset_ids.index("odd__c150")] == "odd"
     rows = {r.dataset_id: r for r in leave_one_dataset_out(knowledge, k=3, default_id=DEFAULT.pipeline_id())}
     assert len(rows) == 12
@@ -467,7 +510,7 @@ def test_lodo_on_a_synthetic_store(synthetic_store, tmp_path):
 def test_lodo_noise_counts_only_rows_where_the_choices_differ(synthetic_store):
     from meta_db.evaluate import LodoRow, Noise
 
-    knowledge = sel.load_knowledge(synthetic_store)
+    knowledge = load_knowledge(synthetic_store)
     noise = Noise(knowledge)
     a, b = A.pipeline_id(), B.pipeline_id()
 
@@ -485,8 +528,6 @@ def test_lodo_noise_counts_only_rows_where_the_choices_differ(synthetic_store):
 
 
 def test_lodo_stores_leave_each_family_out(synthetic_store, tmp_path):
-    from tools.meta_train import write_lodo_stores
-
     with Store(synthetic_store) as store:
         add_dataset(store, "gray0__c5", features(700, 5, 28, 1), {A: 0.9, B: 0.5}, parent="gray0")
     written = {family: (path, choice) for family, path, choice in write_lodo_stores(synthetic_store, tmp_path / "lodo",
@@ -519,7 +560,7 @@ def test_runs_of_one_study_can_be_forgotten(synthetic_store):
 
 
 def test_best_fixed_needs_coverage():
-    knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
+    knowledge = Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
                               {}, np.array([[0.5, 0.99], [0.5, np.nan], [0.5, np.nan]]))
     assert best_fixed(knowledge) == "p"  # q looks better but was measured on one dataset of three
 
@@ -530,14 +571,14 @@ def test_best_fixed_coverage_counts_families_not_variants():
     ids = ["big"] + [f"big__v{i}" for i in range(5)] + ["small0", "small1"]
     families = ["big"] * 6 + ["small0", "small1"]
     alc = np.array([[0.80, 0.79, 0.82]] + [[0.80, 0.81, np.nan]] * 5 + [[0.90, 0.90, 0.93]] * 2)
-    knowledge = sel.Knowledge(ids, families, np.zeros((len(ids), len(ZERO_SHOT_NAMES))), ["p", "q", "r"], {}, alc)
+    knowledge = Knowledge(ids, families, np.zeros((len(ids), len(ZERO_SHOT_NAMES))), ["p", "q", "r"], {}, alc)
     assert best_fixed(knowledge) == "r"  # compared on the three originals, the datasets all three share
 
 
 def test_best_fixed_compares_pipelines_on_the_same_datasets():
     # p was also run on a hard dataset (c) that q was not: on the common datasets p is better
     alc = np.array([[0.9, 0.85], [0.9, 0.85], [0.3, np.nan]])
-    knowledge = sel.Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
+    knowledge = Knowledge(["a", "b", "c"], ["a", "b", "c"], np.zeros((3, len(ZERO_SHOT_NAMES))), ["p", "q"],
                               {}, alc)
     assert best_fixed(knowledge) == "p"
 
@@ -567,7 +608,7 @@ def _one_feature_store(path, trend: bool):
                 noise = 0.0003 * rng.standard_normal(2)
                 alcs = {A: 0.90 + noise[0], B: 0.903 + noise[1]}
             add_dataset(store, f"set{i}", feats, alcs)
-    return sel.load_knowledge(path)
+    return load_knowledge(path)
 
 
 def test_ridge_selector_learns_which_feature_matters(tmp_path):
@@ -577,7 +618,7 @@ def test_ridge_selector_learns_which_feature_matters(tmp_path):
     assert all(rows[d].selected == B.pipeline_id() for d in colour)
     assert all(rows[d].selected == A.pipeline_id() for d in rows if d not in colour)
     assert np.mean([r.regret_selected for r in rows.values()]) < np.mean([r.regret_fixed for r in rows.values()])
-    selector = sel.RidgeGapSelector(knowledge)
+    selector = RidgeGapSelector(knowledge)
     assert math.isfinite(selector.lam)  # the trend is real: a finite penalty wins the store's own cross-validation
     pipeline_id, reason = selector.choose(zero_shot_vector(features(5000, 10, 32, 3)))
     assert pipeline_id == B.pipeline_id() and "ridge" in reason
@@ -585,7 +626,7 @@ def test_ridge_selector_learns_which_feature_matters(tmp_path):
 
 def test_ridge_selector_without_a_trend_is_the_best_fixed_pipeline(tmp_path):
     knowledge = _one_feature_store(tmp_path / "s.sqlite", trend=False)
-    selector = sel.RidgeGapSelector(knowledge)
+    selector = RidgeGapSelector(knowledge)
     assert math.isinf(selector.lam)  # every penalty chooses alike: the simplest model wins the tie
     fixed = best_fixed(knowledge)
     assert fixed == B.pipeline_id()
@@ -594,8 +635,8 @@ def test_ridge_selector_without_a_trend_is_the_best_fixed_pipeline(tmp_path):
 
 
 def test_ridge_selector_stays_sane_far_from_the_store(synthetic_store):
-    selector = sel.make_selector(sel.load_knowledge(synthetic_store), "ridge")
-    assert isinstance(selector, sel.RidgeGapSelector)
+    selector = make_selector(load_knowledge(synthetic_store), "ridge")
+    assert isinstance(selector, RidgeGapSelector)
     ranking, info = selector.rank(zero_shot_vector(features(10**9, 5000, 4000, 3)))
     assert info["mode"] == "global" and ranking  # beyond the stored range: the best on average
     # inside the range, predictions never claim to beat the best pipeline (gaps are <= 0)
@@ -606,11 +647,11 @@ def test_ridge_selector_stays_sane_far_from_the_store(synthetic_store):
 
 def test_selector_method_is_chosen_by_name(synthetic_store, monkeypatch):
     with pytest.raises(ValueError, match="unknown selector 'svm'"):
-        sel.make_selector(sel.load_knowledge(synthetic_store), "svm")
-    monkeypatch.setenv(sel.ENV_SELECTOR, "ridge")
+        make_selector(load_knowledge(synthetic_store), "svm")
+    monkeypatch.setenv(ENV_SELECTOR, "ridge")
     config, reason = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
     assert config == A and "ridge" in reason
-    monkeypatch.setenv(sel.ENV_SELECTOR, "svm")  # a bad value inside a run: default pipeline, reason says why
+    monkeypatch.setenv(ENV_SELECTOR, "svm")  # a bad value inside a run: default pipeline, reason says why
     config, reason = sel.select_pipeline(FakeMetadata(1500, 10, 28, 28, 1), store=synthetic_store)
     assert config == PipelineConfig() and "unknown selector 'svm'" in reason
 
@@ -641,26 +682,26 @@ def _near_tie_store(path, lead: float, replicate_spread: float, colour_spread: f
 
 
 def test_noise_sd_is_pooled_from_replicates_else_the_prior(tmp_path):
-    knowledge = sel.load_knowledge(_near_tie_store(tmp_path / "s.sqlite", 0.01, 0.004), 300.0, "cpu2")
+    knowledge = load_knowledge(_near_tie_store(tmp_path / "s.sqlite", 0.01, 0.004), 300.0, "cpu2")
     assert knowledge.noise_sd() == pytest.approx(0.004 / math.sqrt(2), rel=1e-3)  # a pair d apart: SD d/sqrt(2)
-    single = sel.Knowledge(["a"], ["a"], np.zeros((1, len(ZERO_SHOT_NAMES))), ["p"], {}, np.array([[0.5]]))
-    assert single.noise_sd() == sel.NOISE_SD_PRIOR
+    single = Knowledge(["a"], ["a"], np.zeros((1, len(ZERO_SHOT_NAMES))), ["p"], {}, np.array([[0.5]]))
+    assert single.noise_sd() == NOISE_SD_PRIOR
 
 
 def test_noise_is_estimated_per_dataset_shrunk_toward_the_typical_one(tmp_path):
-    knowledge = sel.load_knowledge(_near_tie_store(tmp_path / "s.sqlite", 0.01, 0.0002, colour_spread=0.04),
+    knowledge = load_knowledge(_near_tie_store(tmp_path / "s.sqlite", 0.01, 0.0002, colour_spread=0.04),
                                    300.0, "cpu2")
     grey = np.array([d.startswith("gray") for d in knowledge.dataset_ids])
     typical_var = (0.0002 ** 2 / 2 + 0.04 ** 2 / 2) / 2  # the median of five quiet and five noisy datasets
     assert knowledge.noise_sd() == pytest.approx(math.sqrt(typical_var), rel=1e-3)
     by_dataset = knowledge.noise_sd_by_dataset()
-    prior = sel.NOISE_PRIOR_DOF
+    prior = NOISE_PRIOR_DOF
     for mask, own in ((grey, 0.0002 ** 2 / 2), (~grey, 0.04 ** 2 / 2)):  # two cells, one replicate each
         assert by_dataset[mask] == pytest.approx(math.sqrt((2 * own + prior * typical_var) / (2 + prior)), rel=1e-3)
     # no replicates anywhere: every dataset gets the prior
-    single = sel.Knowledge(["a", "b"], ["a", "b"], np.zeros((2, len(ZERO_SHOT_NAMES))), ["p"], {},
+    single = Knowledge(["a", "b"], ["a", "b"], np.zeros((2, len(ZERO_SHOT_NAMES))), ["p"], {},
                            np.array([[0.5], [0.6]]), runs=np.ones((2, 1), dtype=int), sq_dev=np.zeros((2, 1)))
-    assert np.allclose(single.noise_sd_by_dataset(), sel.NOISE_SD_PRIOR)
+    assert np.allclose(single.noise_sd_by_dataset(), NOISE_SD_PRIOR)
 
 
 def test_a_lead_on_noisy_neighbours_counts_less_than_on_quiet_ones(tmp_path):
@@ -693,17 +734,17 @@ def test_a_dataset_with_one_measured_pipeline_does_not_vote(synthetic_store):
     # right where the query is, a dataset measured with C alone: its "gap 0" compares C with nothing
     with Store(synthetic_store) as store:
         add_dataset(store, "lonely", features(1500, 10, 28, 1), {C: 0.40})
-    knowledge = sel.load_knowledge(synthetic_store)
+    knowledge = load_knowledge(synthetic_store)
     assert "lonely" in knowledge.dataset_ids
     query = zero_shot_vector(features(1500, 10, 28, 1))
     for method in ("knn", "ridge"):
-        selector = sel.make_selector(knowledge, method, k=1)
+        selector = make_selector(knowledge, method, k=1)
         assert "lonely" not in selector.knowledge.dataset_ids
         assert selector.choose(query)[0] == A.pipeline_id(), method
     # with no comparison anywhere, what was run is still known (the fallback's ranking)
     only_one = knowledge.subset(np.array([d == "lonely" for d in knowledge.dataset_ids]))
-    assert sel.comparative_rows(only_one.alc).tolist() == [True]
-    assert sel.NearestNeighbourSelector(only_one).choose(query)[0] == C.pipeline_id()
+    assert comparative_rows(only_one.alc).tolist() == [True]
+    assert NearestNeighbourSelector(only_one).choose(query)[0] == C.pipeline_id()
 
 
 def _variant_heavy_store(path):
@@ -722,7 +763,7 @@ def _variant_heavy_store(path):
 
 
 def test_each_family_counts_once_whatever_its_variants(tmp_path):
-    knowledge = sel.load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
+    knowledge = load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
     weights = dict(zip(knowledge.dataset_ids, knowledge.family_weights()))
     assert weights["big"] == weights["big__v0"] == pytest.approx(0.2) and weights["small0"] == 1.0
     # over a subset (the datasets one pipeline was measured on), a family counts once among those
@@ -730,11 +771,11 @@ def test_each_family_counts_once_whatever_its_variants(tmp_path):
     assert knowledge.family_weights(rows).tolist() == [0.5, 0.5, 1.0]
     # per dataset B would be best on average (5 x +0.20 against 3 x -0.10); per family A is (3 x 0.10 against 0.20)
     assert best_fixed(knowledge) == A.pipeline_id()
-    selector = sel.NearestNeighbourSelector(knowledge, k=2)
-    assert sel.best_first(selector.global_scores, {})[0][0] == A.pipeline_id()
+    selector = NearestNeighbourSelector(knowledge, k=2)
+    assert best_first(selector.global_scores, {})[0][0] == A.pipeline_id()
     # among the k nearest, one family's variants share its vote: four variants of "big" (B) and one
     # small family (A), equally near, are one vote each
-    selector = sel.NearestNeighbourSelector(knowledge, k=5)
+    selector = NearestNeighbourSelector(knowledge, k=5)
     rows = np.array([knowledge.dataset_ids.index(d) for d in ("big__v0", "big__v1", "big__v2", "big__v3",
                                                                "small0")])
     scores = selector._aggregate(np.ones(5), rows, by_family=True)
@@ -744,8 +785,8 @@ def test_each_family_counts_once_whatever_its_variants(tmp_path):
 
 
 def test_ridge_weighs_families_not_datasets(tmp_path):
-    knowledge = sel.load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
-    selector = sel.RidgeGapSelector(knowledge, lam=math.inf)  # no trend: the family-weighted mean gaps
+    knowledge = load_knowledge(_variant_heavy_store(tmp_path / "s.sqlite"))
+    selector = RidgeGapSelector(knowledge, lam=math.inf)  # no trend: the family-weighted mean gaps
     b_a, _, _ = selector.models[A.pipeline_id()]
     b_b, _, _ = selector.models[B.pipeline_id()]
     assert b_a == pytest.approx((3 * 0.0 - 0.20) / 4) and b_b == pytest.approx((3 * -0.10 + 0.0) / 4)

@@ -22,9 +22,11 @@ import pytest
 
 from autodl_core.config import PipelineConfig
 from autodl_data.autodl_format import metadata_text
+from meta_db.build import dataset_record
 from meta_db.selector import ENV_PIPELINE, forced_pipeline
 from meta_db.store import HARNESS_ERROR, Store
 from tools import meta_train as mt
+from tools import meta_train_queue as queue
 from tools.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +109,7 @@ def test_two_workers_each_task_once_failures_recorded_and_resumable(tmp_path, da
         assert "harness exploded on purpose" in failed[0].error and failed[0].alc is None
         ok = s.runs(dataset_id="dsa", pipeline_id=PIPELINES[1][1].pipeline_id())[0]
         assert ok.status == "ok" and ok.timestamps == [1.0, 2.0] and ok.hardware == "cpu2" and ok.time_budget == 30
-        assert ok.study == mt.DEFAULT_STUDY and ok.worker and ok.started_at
+        assert ok.study == queue.DEFAULT_STUDY and ok.worker and ok.started_at
         assert s.get_dataset("dsb__c3-r1").family_id == "dsb" and s.get_dataset("dsa").parent_id is None
         assert s.get_dataset("dsa").metadata_features["n_train"] == 1000
         assert {name for _, name, _ in s.pipelines()} == {"base", "fast", "broken"}
@@ -239,22 +241,22 @@ def test_two_workers_through_a_postgresql_storage(tmp_path, datasets, code_dir, 
 
 
 def test_stale_and_interrupted_tasks_are_requeued(tmp_path, datasets):
-    storage = mt.default_storage_url(tmp_path)
-    coordinator = mt.Coordinator(storage, "stale-test")
-    tasks = [mt.Task("dsa", "p1", "one", PipelineConfig().to_dict(), 30.0),
-             mt.Task("dsb", "p1", "one", PipelineConfig().to_dict(), 30.0)]
+    storage = queue.default_storage_url(tmp_path)
+    coordinator = queue.Coordinator(storage, "stale-test")
+    tasks = [queue.Task("dsa", "p1", "one", PipelineConfig().to_dict(), 30.0),
+             queue.Task("dsb", "p1", "one", PipelineConfig().to_dict(), 30.0)]
     assert coordinator.enqueue(tasks)["queued"] == 2
     first = coordinator.claim({"dsa", "dsb"})
     assert first is not None and first[1].dataset_id == "dsa"
     assert coordinator.claim({"dsa"}) is None  # only dsb is left, and this worker lacks it
     # a worker that died mid-run leaves its trial RUNNING: re-queued once older than any run can last
-    counts = coordinator.enqueue(tasks, now=time.time() + tasks[0].max_seconds() + mt.STALE_MARGIN_SECONDS + 1)
+    counts = coordinator.enqueue(tasks, now=time.time() + tasks[0].max_seconds() + queue.STALE_MARGIN_SECONDS + 1)
     assert counts["stale_requeued"] == 1 and counts["queued"] == 1 and counts["pending"] == 1
     assert coordinator.enqueue(tasks) == {"queued": 0, "done": 0, "failed_kept": 0, "pending": 2, "stale_requeued": 0}
     # the stale worker coming back cannot close the trial taken from it
-    assert coordinator.finish(first[0], {"alc": 0.5}, mt.OUTCOME_OK) is False
+    assert coordinator.finish(first[0], {"alc": 0.5}, queue.OUTCOME_OK) is False
     second = coordinator.claim({"dsa", "dsb"})
-    assert coordinator.finish(second[0], {"error": "interrupted"}, mt.OUTCOME_INTERRUPTED)
+    assert coordinator.finish(second[0], {"error": "interrupted"}, queue.OUTCOME_INTERRUPTED)
     assert coordinator.enqueue(tasks)["queued"] == 1  # interrupted: not a result, queued again
     assert coordinator.status() == {"fail:stale": 1, "fail:interrupted": 1, "waiting": 2}
 
@@ -278,7 +280,7 @@ def test_bad_inputs_are_named(tmp_path, datasets, code_dir):
     with pytest.raises(UserInputError, match="in-memory"):
         mt.meta_train([datasets], PIPELINES, 30, store, storage_url="sqlite:///:memory:", **kwargs)
     with pytest.raises(UserInputError, match="runner"):
-        mt.resolve_run_fn("no_such_module:run")
+        queue.resolve_run_fn("no_such_module:run")
     from tools.cli import main
 
     assert main(["meta-train", "--pipelines", "nope", "--datasets", str(datasets), "--time-budget", "5",
@@ -313,14 +315,14 @@ def test_variants_data_features_and_parent_records(tmp_path):
     assert report.name == "toy__c2-f50-s8-g-r3" and report.output_dim == 2
     assert (report.row_count, report.col_count, report.num_channels) == (8, 8, 1)
     assert report.counts["train"] == 24 and report.counts["test"] == 12  # half of 48 train, all 12 test (2 classes)
-    record = mt.dataset_record(report.path)
+    record = dataset_record(report.path)
     assert record.parent_id == "toy" and record.family_id == "toy" and record.derivation["classes"] == 2
     assert record.source == "variant of toy"  # never this machine's folder
     assert record.metadata_features == {"n_train": 24, "n_classes": 2, "rows": 8, "cols": 8, "channels": 1,
                                         "variable_size": False}
     # a variant of a variant keeps the root family
     nested = derive_variant(load_source(report.path), VariantSpec(train_fraction=0.5, seed=1), tmp_path / "variants")
-    assert mt.dataset_record(nested.path).family_id == "toy" and mt.dataset_record(nested.path).parent_id == report.name
+    assert dataset_record(nested.path).family_id == "toy" and dataset_record(nested.path).parent_id == report.name
     specs = random_specs(source, 4, seed=0)
     assert len(specs) == 4 and len({s.tag() for s in specs}) == 4
     made = make_variants([corpus], tmp_path / "more", per_dataset=2, seed=0, log=lambda m: None)
@@ -340,7 +342,7 @@ def test_variants_data_features_and_parent_records(tmp_path):
                  "--variant", "side=6,train_fraction=0.5", "--variant", "classes=3"]) == 0
     made = sorted(p.name for p in (tmp_path / "explicit").iterdir())
     assert made == ["toy__c3-r0", "toy__f50-s6-r0"]
-    assert mt.dataset_record(tmp_path / "explicit" / "toy__f50-s6-r0").metadata_features["rows"] == 6
+    assert dataset_record(tmp_path / "explicit" / "toy__f50-s6-r0").metadata_features["rows"] == 6
 
     images, labels = read_first_chunk(report.path, max_examples=50, side=16)
     assert images.shape == (24, 16, 16, 1) and images.dtype == np.uint8 and labels.shape == (24, 2)

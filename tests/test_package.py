@@ -113,8 +113,9 @@ def test_zip_ships_the_meta_db_modules_the_submission_imports_and_no_other(built
         names = set(archive.namelist())
         manifest = json.loads(archive.read(package.MANIFEST_NAME))
     needed = {path.relative_to(package.REPO_ROOT).as_posix() for path in package.submission_modules().values()}
-    for required in ("meta_db/__init__.py", "meta_db/selector.py", "meta_db/second_choice.py", "meta_db/store.py",
-                     "meta_db/metafeatures.py", "meta_db/portfolio.py", "meta_db/store.sqlite"):
+    for required in ("meta_db/__init__.py", "meta_db/selector.py", "meta_db/knowledge.py", "meta_db/selectors.py",
+                     "meta_db/second_choice.py", "meta_db/store.py", "meta_db/metafeatures.py", "meta_db/portfolio.py",
+                     "meta_db/store.sqlite"):
         assert required in names
     assert {name for name in needed if name.startswith("meta_db/")} <= names
     offline = package.offline_only_modules()

@@ -101,12 +101,14 @@ def test_the_offline_only_modules_are_left_out_and_the_selector_ships():
     offline = package.offline_only_modules(ROOT)
     shipped = {name for _, name in package.package_files(ROOT)}
     assert "meta_db/evaluate.py" in offline  # meta-evaluation: never run by the submission
+    assert "meta_db/build.py" in offline  # building the store: offline only
     assert not set(offline) & shipped
-    for needed in ("model.py", "LICENSE", "meta_db/selector.py", "meta_db/second_choice.py", "meta_db/store.py",
-                   "meta_db/store.sqlite"):
+    for needed in ("model.py", "LICENSE", "meta_db/selector.py", "meta_db/knowledge.py", "meta_db/selectors.py",
+                   "meta_db/second_choice.py", "meta_db/store.py", "meta_db/store.sqlite"):
         assert needed in shipped
-    # what the selector and the second choice import is shipped
-    for path in (ROOT / "meta_db/selector.py", ROOT / "meta_db/second_choice.py"):
+    # what the selector (its knowledge, its rankings) and the second choice import is shipped
+    for path in (ROOT / "meta_db/selector.py", ROOT / "meta_db/knowledge.py", ROOT / "meta_db/selectors.py",
+                 ROOT / "meta_db/second_choice.py"):
         module = "meta_db." + path.stem
         for imported in _imports_of_our_packages(path, module):
             if imported.startswith("meta_db.") and (ROOT / f"{imported.replace('.', '/')}.py").is_file():

@@ -9,7 +9,7 @@ from autodl_core.config import PipelineConfig
 from meta_db import second_choice as sc
 from meta_db.metafeatures import zero_shot_vector
 from meta_db.portfolio import PORTFOLIO, single_stage
-from meta_db.selector import load_knowledge
+from meta_db.knowledge import load_knowledge
 from meta_db.store import DatasetRecord, RunRecord, Store
 
 DEFAULT = PORTFOLIO["default"]

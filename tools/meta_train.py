@@ -26,391 +26,24 @@ left RUNNING by a killed worker is re-queued once it is older than any run can l
 A run of a retired code version counts as not measured; a study that already completed its task
 still skips it, so re-measure retired runs under a new --study (or through `tools bench` and
 --import-bench).
+
+This module is the command line and the orchestration; the job queue (tasks, locks, workers) is
+tools/meta_train_queue.py, and what goes into the store is meta_db/build.py.
 """
 from __future__ import annotations
 
-import fcntl
-import importlib
 import json
 import multiprocessing
-import os
-import re
 import socket
-import time
-import traceback
-import zlib
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.errors import UserInputError
+from tools.meta_train_queue import (DEFAULT_RUNNER, DEFAULT_STUDY, Coordinator, Task, WorkerConfig,
+                                    default_storage_url, worker_loop, worker_main)
 from tools.shared_paths import REPO_ROOT
 from tools.provenance import code_version
 
 DEFAULT_OUT = Path("runs/meta-train")
-DEFAULT_STUDY = "meta-train"
-DEFAULT_RUNNER = "tools.runner:run_local"
-OUTCOME_OK, OUTCOME_HARNESS, OUTCOME_STALE, OUTCOME_INTERRUPTED = "ok", "harness_error", "stale", "interrupted"
-STALE_MARGIN_SECONDS = 600.0
-
-
-# ---------------------------------------------------------------------- tasks
-
-
-@dataclass
-class Task:
-    dataset_id: str
-    pipeline_id: str
-    pipeline_name: str
-    config: dict
-    time_budget: float
-    seed: int = 0
-    tf_mode: str = "graph"
-    init_limit: float = 1200.0
-    dataset: dict = field(default_factory=dict)  # DatasetRecord fields, for merging on another machine
-
-    def key(self) -> str:
-        from meta_db.store import task_key
-
-        return task_key(self.dataset_id, self.pipeline_id, self.time_budget, self.seed, self.tf_mode)
-
-    def to_attrs(self) -> dict:
-        return {"task_key": self.key(), "task": self.__dict__.copy()}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict) -> "Task":
-        return cls(**attrs["task"])
-
-    def max_seconds(self) -> float:
-        """Longest a run of this task can take: the runner kills at init + startup allowance + T."""
-        from tools.runner import KILL_GRACE_SECONDS, STARTUP_ALLOWANCE_SECONDS
-
-        return self.time_budget + self.init_limit + STARTUP_ALLOWANCE_SECONDS + KILL_GRACE_SECONDS
-
-
-# ---------------------------------------------------------------------- coordination (Optuna storage)
-
-
-def default_storage_url(out_dir: Path) -> str:
-    return f"sqlite:///{(Path(out_dir) / 'optuna.sqlite').resolve()}"
-
-
-def check_storage_url(url: str) -> str:
-    """The backend name of a storage URL we support (sqlite file, postgresql); UserInputError otherwise."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise UserInputError(f"not a storage URL: {url!r} (use sqlite:///FILE or postgresql://USER@HOST/DB)") from None
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
-        raise UserInputError(f"storage {url!r}: only sqlite:/// and postgresql:// storages are supported")
-    if backend == "sqlite" and (not parsed.database or parsed.database == ":memory:"):
-        raise UserInputError("an in-memory SQLite storage cannot be shared by workers: give a file")
-    return backend
-
-
-def _driver_error(url: str, exc: ModuleNotFoundError) -> UserInputError:
-    return UserInputError(f"storage {url!r} needs the database driver '{exc.name}' "
-                          "(PostgreSQL: pip install 'psycopg[binary]' for postgresql://, or psycopg2-binary "
-                          "and a postgresql+psycopg2:// URL)")
-
-
-def _engine(url: str):
-    import sqlalchemy
-
-    try:
-        return sqlalchemy.create_engine(url, pool_pre_ping=True)
-    except ModuleNotFoundError as exc:
-        raise _driver_error(url, exc) from None
-
-
-def make_storage(url: str):
-    import optuna
-
-    backend = check_storage_url(url)
-    kwargs = {"connect_args": {"timeout": 120}} if backend == "sqlite" else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except ModuleNotFoundError as exc:
-        raise _driver_error(url, exc) from None
-
-
-class FileLock:
-    """Exclusive lock between the processes of one machine (SQLite storages live on one machine)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @contextmanager
-    def hold(self):
-        with open(self.path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class AdvisoryLock:
-    """PostgreSQL session advisory lock: exclusive between workers on any machine using the server."""
-
-    def __init__(self, engine, name: str):
-        self.engine = engine
-        self.key = zlib.crc32(name.encode()) & 0x7FFFFFFF
-
-    @contextmanager
-    def hold(self):
-        from sqlalchemy import text
-
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-                conn.commit()
-
-
-class Coordinator:
-    """The study whose trials are the tasks: enqueue, claim, finish, and list them."""
-
-    def __init__(self, storage_url: str, study_name: str = DEFAULT_STUDY):
-        import optuna
-        from sqlalchemy.engine import make_url
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.url, self.study_name = storage_url, study_name
-        check_storage_url(storage_url)
-        parsed = make_url(storage_url)
-        if parsed.get_backend_name() == "sqlite":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.lock = FileLock(Path(parsed.database + ".lock"))
-        else:
-            self.lock = AdvisoryLock(_engine(storage_url), f"autodl-meta-train:{study_name}")
-        # Optuna's schema creation is not safe against a concurrent first use: serialise it too.
-        with self.lock.hold():
-            self.storage = make_storage(storage_url)
-            self.study = optuna.create_study(storage=self.storage, study_name=study_name, load_if_exists=True,
-                                             direction="maximize")
-        self.study_id = self.storage.get_study_id_from_name(study_name)
-
-    def trials(self, states=None):
-        return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False, states=states)
-                if "task_key" in t.user_attrs]
-
-    def _trial_id(self, trial) -> int:
-        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
-
-    def enqueue(self, tasks: list[Task], retry_failed: bool = False, now: float | None = None,
-                stale_after: float | None = None) -> dict:
-        """Queue the tasks not done, not queued and not running; re-queue stale and interrupted ones."""
-        from optuna.trial import TrialState
-
-        counts = {"queued": 0, "done": 0, "failed_kept": 0, "pending": 0, "stale_requeued": 0}
-        now = time.time() if now is None else now
-        with self.lock.hold():
-            by_key: dict = {}
-            for trial in self.trials():
-                by_key.setdefault(trial.user_attrs["task_key"], []).append(trial)
-            for task in tasks:
-                trials = by_key.get(task.key(), [])
-                limit = stale_after if stale_after is not None else task.max_seconds() + STALE_MARGIN_SECONDS
-                live = False
-                for trial in trials:
-                    if trial.state == TrialState.RUNNING and trial.datetime_start is not None \
-                            and now - trial.datetime_start.timestamp() > limit:
-                        trial_id = self._trial_id(trial)
-                        self.storage.set_trial_user_attr(trial_id, "outcome", OUTCOME_STALE)
-                        self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                        counts["stale_requeued"] += 1
-                    elif trial.state in (TrialState.WAITING, TrialState.RUNNING):
-                        live = True
-                states = [(t.state, t.user_attrs.get("outcome")) for t in trials]
-                if any(s == TrialState.COMPLETE for s, _ in states):
-                    counts["done"] += 1
-                elif live:
-                    counts["pending"] += 1
-                elif any(s == TrialState.FAIL and o == OUTCOME_HARNESS for s, o in states) and not retry_failed:
-                    counts["failed_kept"] += 1
-                else:
-                    self.study.enqueue_trial({}, user_attrs=task.to_attrs())
-                    counts["queued"] += 1
-        return counts
-
-    def claim(self, dataset_ids) -> tuple[int, Task] | None:
-        """Atomically take the oldest WAITING task whose dataset this worker has; None when none is left."""
-        from optuna.trial import TrialState
-
-        dataset_ids = set(dataset_ids)
-        with self.lock.hold():
-            for trial in sorted(self.trials(states=(TrialState.WAITING,)), key=lambda t: t.number):
-                task = Task.from_attrs(trial.user_attrs)
-                if task.dataset_id not in dataset_ids:
-                    continue
-                trial_id = self._trial_id(trial)
-                if self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-                    return trial_id, task
-        return None
-
-    def finish(self, trial_id: int, result: dict, outcome: str) -> bool:
-        """Record the run in the trial and close it (COMPLETE with the ALC, or FAIL); False if it was
-        closed meanwhile (declared stale by another worker)."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
-        try:
-            self.storage.set_trial_user_attr(trial_id, "result", result)
-            self.storage.set_trial_user_attr(trial_id, "outcome", outcome)
-            if outcome == OUTCOME_OK:
-                self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [float(result.get("alc") or 0.0)])
-            else:
-                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            return False
-        return True
-
-    def status(self) -> dict:
-        from optuna.trial import TrialState
-
-        counts: dict = {}
-        for trial in self.trials():
-            name = trial.state.name.lower()
-            if trial.state == TrialState.FAIL:
-                name = f"fail:{trial.user_attrs.get('outcome', '?')}"
-            counts[name] = counts.get(name, 0) + 1
-        return counts
-
-
-# ---------------------------------------------------------------------- one worker
-
-
-@dataclass
-class WorkerConfig:
-    storage_url: str
-    study_name: str
-    store_path: str
-    out_dir: str
-    code_dir: str
-    dataset_dirs: dict  # dataset_id -> local folder
-    hardware: dict
-    code_version: str | None
-    run_fn: object = DEFAULT_RUNNER  # callable or "module:function"
-    worker_name: str = "w0"
-
-
-def resolve_run_fn(run_fn):
-    if callable(run_fn):
-        return run_fn
-    module_name, _, attr = str(run_fn).partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UserInputError(f"runner {run_fn!r} not found ({exc}); expected module:function") from None
-
-
-@contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
-
-
-def execute_task(task: Task, cfg: WorkerConfig, run_fn):
-    """Run one task; returns (RunRecord, outcome). Never raises for a failing run (KeyboardInterrupt aside)."""
-    from meta_db.selector import ENV_BUDGET, ENV_PIPELINE
-    from meta_db.store import HARNESS_ERROR, RunRecord, now_iso
-
-    out = Path(cfg.out_dir) / "runs" / _safe(task.dataset_id) / _safe(
-        f"{task.pipeline_name}-{task.pipeline_id}-T{task.time_budget:g}-s{task.seed}-{task.tf_mode}")
-    started_at = now_iso()
-    wall0 = time.time()
-    common = dict(dataset_id=task.dataset_id, pipeline_id=task.pipeline_id, time_budget=task.time_budget,
-                  hardware=cfg.hardware["key"], hardware_info=cfg.hardware, seed=task.seed, tf_mode=task.tf_mode,
-                  code_version=cfg.code_version, started_at=started_at, worker=cfg.worker_name,
-                  study=cfg.study_name)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        pipeline_file = out / "pipeline.json"
-        pipeline_file.write_text(json.dumps(task.config, indent=1, sort_keys=True))
-        with _env(**{ENV_PIPELINE: pipeline_file, ENV_BUDGET: task.time_budget, "AUTODL_SEED": task.seed}):
-            result = run_fn(cfg.code_dir, cfg.dataset_dirs[task.dataset_id], task.time_budget, out,
-                            tf_mode=task.tf_mode, init_limit=task.init_limit)
-        return run_record({"wall_time": time.time() - wall0, **result}, **common), OUTCOME_OK
-    except Exception as exc:  # the harness failed (not the solver): stored with its error
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-        return RunRecord(**common, status=HARNESS_ERROR, error=error, wall_time=time.time() - wall0), OUTCOME_HARNESS
-
-
-def run_record(result: dict, **fields):
-    """A judge's result (tools.runner.run_local, or a `tools bench` row: same keys) as a RunRecord."""
-    from meta_db.store import RunRecord
-
-    return RunRecord(**fields, status=str(result.get("status") or "unknown"), alc=result.get("alc"),
-                     final_nauc=result.get("final_nauc"), n_predictions=result.get("n_predictions"),
-                     timestamps=list(result.get("timestamps") or []), scores=list(result.get("naucs") or []),
-                     time_to_first_prediction=result.get("time_to_first_prediction"),
-                     peak_rss_bytes=result.get("peak_rss_bytes"), init_seconds=result.get("init_seconds"),
-                     wall_time=result.get("wall_time"), error=result.get("error"))
-
-
-def _store_task_records(store, task: Task) -> None:
-    from autodl_core.config import PipelineConfig
-    from meta_db.store import DatasetRecord
-
-    if task.dataset:
-        store.upsert_dataset(DatasetRecord(**task.dataset))
-    store.upsert_pipeline(PipelineConfig.from_dict(task.config), name=task.pipeline_name)
-
-
-def worker_loop(cfg: WorkerConfig, log=print) -> int:
-    """Claim and run tasks until none is left for this worker's datasets; returns how many it ran."""
-    from meta_db.store import Store
-
-    coordinator = Coordinator(cfg.storage_url, cfg.study_name)
-    run_fn = resolve_run_fn(cfg.run_fn)
-    done = 0
-    while True:
-        claimed = coordinator.claim(cfg.dataset_dirs)
-        if claimed is None:
-            return done
-        trial_id, task = claimed
-        log(f"[meta-train {cfg.worker_name}] {task.pipeline_name} on {task.dataset_id} (T={task.time_budget:g}s)")
-        try:
-            run, outcome = execute_task(task, cfg, run_fn)
-        except BaseException:
-            coordinator.finish(trial_id, {"error": "interrupted"}, OUTCOME_INTERRUPTED)
-            raise
-        try:
-            with Store(cfg.store_path) as store:
-                _store_task_records(store, task)
-                store.record_run(run)
-        except Exception as exc:  # the trial still carries the result: --sync can recover it
-            log(f"[meta-train {cfg.worker_name}] could not write the store: {exc}")
-        coordinator.finish(trial_id, run.to_dict(), outcome)
-        done += 1
-        alc = "-" if run.alc is None else f"{run.alc:.4f}"
-        log(f"[meta-train {cfg.worker_name}]   status={run.status} ALC={alc} wall={run.wall_time or 0:.0f}s")
-
-
-def _worker_main(cfg: WorkerConfig) -> None:
-    try:
-        worker_loop(cfg)
-    except KeyboardInterrupt:
-        pass
 
 
 # ---------------------------------------------------------------------- the whole meta-training
@@ -433,48 +66,6 @@ def expand_dataset_dirs(dirs) -> list[Path]:
     return found
 
 
-def dataset_record(dataset_dir: Path, data_features: dict | None = None):
-    """The store's record of an AutoDL dataset folder: metadata features of the train split, parent if a variant."""
-    from meta_db.metafeatures import metadata_features
-    from meta_db.sources import portable_source
-    from meta_db.store import DatasetRecord
-    from meta_db.variants import parent_of
-    from autodl_data.autodl_format import AutoDLMetadata, find_task
-
-    task = find_task(dataset_dir)
-    parent, family, derivation = parent_of(dataset_dir)
-    return DatasetRecord(dataset_id=task.name, name=task.name, parent_id=parent, family_id=family or "",
-                         derivation=derivation, source=portable_source(dataset_dir, task.name),
-                         metadata_features=metadata_features(AutoDLMetadata(task.train_dir)),
-                         data_features=data_features)
-
-
-def add_data_features(record, dataset_dir: Path, store, compute: bool, landmark_backbone: str | None, log=print):
-    """The record's data meta-features: those already in the store, else computed (when `compute`)."""
-    stored = store.get_dataset(record.dataset_id)
-    if stored is not None and stored.data_features:
-        record.data_features = stored.data_features
-    elif compute:
-        log(f"[meta-train] data meta-features of {record.dataset_id} ...")
-        record.data_features = compute_data_features(dataset_dir, landmark_backbone)
-
-
-def compute_data_features(dataset_dir: Path, landmark_backbone: str | None = None) -> dict:
-    import torch  # noqa: F401  (torch, then dynamo/triton, before TensorFlow: see the notes on triton)
-
-    try:
-        import torch._dynamo  # noqa: F401
-    except Exception:
-        pass
-    from meta_db.metafeatures import data_features, read_first_chunk
-
-    images, labels = read_first_chunk(dataset_dir)
-    return data_features(images, labels, landmark_backbone=landmark_backbone)
-
-
-
-
-
 def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=DEFAULT_OUT,
                storage_url: str | None = None, study_name: str = DEFAULT_STUDY, workers: int = 1,
                tf_mode: str = "graph", seed: int = 0, retry_failed: bool = False, run_fn=DEFAULT_RUNNER,
@@ -484,6 +75,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
     study into the store. `pipelines`: [(name, PipelineConfig)]. Returns counts and the study status."""
     import math
 
+    from meta_db.build import add_data_features, dataset_record
     from meta_db.metafeatures import hardware_profile
     from meta_db.store import Store, task_key
 
@@ -538,7 +130,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
         ran = worker_loop(WorkerConfig(**cfg, worker_name=f"{host}-w0"), log=log)
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold TF/torch threads
-        procs = [context.Process(target=_worker_main, args=(WorkerConfig(**cfg, worker_name=f"{host}-w{i}"),),
+        procs = [context.Process(target=worker_main, args=(WorkerConfig(**cfg, worker_name=f"{host}-w{i}"),),
                                  name=f"meta-train-w{i}") for i in range(workers)]
         for p in procs:
             p.start()
@@ -556,19 +148,10 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
 
 def import_bench(results_path, store_path, with_data_features: bool = True, landmark_backbone: str | None = None,
                  seed: int = 0, log=print) -> int:
-    """Store the runs of `tools bench` (OUT/results.jsonl): our solver's rows whose logged pipeline is known.
-
-    A bench row is the same measurement as a meta-training run (one solver, one dataset, one budget,
-    scored by the same ALC), so the bench's runs of the solver need not be run again. Rows are taken
-    only when the ingestion log named the pipeline (bench records it) and that pipeline is in the
-    portfolio or the store, only on the machine type the bench ran on (same CPU count / device), and
-    not when the bench saw other processes use more than BACKGROUND_LIMIT of the machine meanwhile.
-    A run is keyed by dataset, pipeline, budget, seed and machine type: importing a rerun under the
-    same `seed` replaces the earlier one; a replicate needs its own `seed`.
-    """
+    """Store the runs of `tools bench` (OUT/results.jsonl): our solver's rows whose logged pipeline is known,
+    the latest row of each bench key (`meta_db.build.import_bench_rows` says which rows are taken)."""
+    from meta_db.build import import_bench_rows
     from meta_db.metafeatures import hardware_profile
-    from meta_db.portfolio import known_members
-    from meta_db.store import Store
     from tools.bench import load_results, row_key
     from tools.contention import BACKGROUND_LIMIT
 
@@ -579,82 +162,25 @@ def import_bench(results_path, store_path, with_data_features: bool = True, land
     latest = {}
     for row in load_results(results_path):
         latest[row_key(row)] = row
-    imported = 0
-    with Store(store_path) as store:
-        known = {config.pipeline_id(): (name, config) for name, config in known_members().items()}
-        for pipeline_id, (name, config) in stored_pipelines(store).items():
-            known.setdefault(pipeline_id, (name, config))
-        for row in latest.values():
-            what = f"{row['solver']} on {row['dataset']}"
-            if row["solver"].startswith("kit:") or row.get("status") == "judge_failed":
-                continue
-            background = row.get("background_cpu")
-            if background is not None and background > BACKGROUND_LIMIT:
-                log(f"[import] skip {what}: other processes used {background:.0%} of the machine during it")
-                continue
-            pipeline_id = row.get("pipeline_id")
-            if pipeline_id not in known:
-                log(f"[import] skip {what}: pipeline {pipeline_id or '(not logged)'} unknown")
-                continue
-            cpus = re.search(r"(\d+) cpu", row.get("hardware") or "")
-            if hardware["kind"] != "cpu" or not cpus or int(cpus.group(1)) != hardware["cpu_count"]:
-                log(f"[import] skip {what}: measured on {row.get('hardware')!r}, this machine is {hardware['key']}")
-                continue
-            dataset_dir = Path(row["dataset_dir"])
-            if not dataset_dir.is_dir():
-                log(f"[import] skip {what}: dataset folder {dataset_dir} is gone")
-                continue
-            record = dataset_record(dataset_dir)
-            add_data_features(record, dataset_dir, store, with_data_features, landmark_backbone, log)
-            store.upsert_dataset(record)
-            name, config = known[pipeline_id]
-            store.upsert_pipeline(config, name=name)
-            # the instance that ran the row, not the one importing it (older rows: unknown)
-            measured_on = {**hardware, "machine_instance": row.get("machine_instance") or ""}
-            store.record_run(run_record(
-                row, dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
-                hardware=hardware["key"], hardware_info=measured_on, tf_mode=row.get("tf_mode", "graph"),
-                seed=int(seed), code_version=row.get("code_version"), finished_at=row.get("finished_at"),
-                study=f"bench:{row.get('judge')}", worker=row["solver"]))
-            imported += 1
-            log(f"[import] {what}: {name} ALC {row.get('alc'):.4f}")
-    return imported
+    return import_bench_rows(latest.values(), store_path, hardware, BACKGROUND_LIMIT,
+                             with_data_features=with_data_features, landmark_backbone=landmark_backbone, seed=seed,
+                             log=log)
 
 
 def sync_store(coordinator: Coordinator, store_path) -> int:
     """Copy every finished trial's run (and its dataset and pipeline) into the store; idempotent."""
-    from meta_db.store import RunRecord, Store
+    from meta_db.build import merge_runs
+    from meta_db.store import RunRecord
 
-    merged = 0
-    with Store(store_path) as store, store.batch():
-        for trial in coordinator.trials():
-            result = trial.user_attrs.get("result")
-            if not result or "dataset_id" not in result:
-                continue
-            task = Task.from_attrs(trial.user_attrs)
-            _store_task_records(store, task)
-            store.record_run(RunRecord.from_dict(result))
-            merged += 1
-    return merged
+    return merge_runs(store_path, ((RunRecord.from_dict(result), task.dataset, task.pipeline_name, task.config)
+                                   for task, result in coordinator.measurements()))
 
 
 # ---------------------------------------------------------------------- CLI
 
 
-def stored_pipelines(store) -> dict:
-    """{pipeline_id: (name, PipelineConfig)} of the store's pipelines this code can parse."""
-    from autodl_core.config import PipelineConfig
-
-    known = {}
-    for pipeline_id, name, raw in store.pipelines():
-        try:
-            known[pipeline_id] = (name, PipelineConfig.from_record(raw))
-        except (TypeError, ValueError):  # a record of newer code: not usable here
-            continue
-    return known
-
-
 def _pipelines_from_args(specs, store_path):
+    from meta_db.build import stored_pipelines
     from meta_db.portfolio import resolve_pipelines
     from meta_db.store import Store
 
@@ -666,58 +192,6 @@ def _pipelines_from_args(specs, store_path):
         return resolve_pipelines(specs, known)
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
-
-
-def retire_or_restore_pipelines(store_path, retire: list[str] | None, restore: list[str] | None,
-                                reason: str | None, log=print) -> int:
-    """`--retire-pipeline` / `--restore-pipeline`: names or ids resolved as `--pipelines` resolves them."""
-    from meta_db.portfolio import resolve_pipelines
-    from meta_db.store import Store
-
-    specs = retire or restore
-    with Store(store_path) as store:  # writable first: an older file is upgraded before it is read
-        try:
-            known = {pipeline_id: config for pipeline_id, (_, config) in stored_pipelines(store).items()}
-            ids = [config.pipeline_id() for _, config in resolve_pipelines(specs, known)]
-            if retire:
-                n = store.retire_pipelines(ids, reason)
-                log(f"retired {', '.join(specs)} in {store_path}: the selector no longer chooses them "
-                    f"({n} run(s) kept; {reason})")
-            else:
-                n = store.restore_pipelines(ids)
-                log(f"{', '.join(specs)} may be chosen again ({n} run(s) in use)")
-        except ValueError as exc:
-            raise UserInputError(str(exc)) from None
-        log(f"retired pipelines: {json.dumps(store.retired_pipelines())}")
-    return 0
-
-
-def write_lodo_stores(store_path, out_dir, k: int = 5, method: str | None = None) -> list[tuple[str, Path, str]]:
-    """One store per corpus family with that family left out, and what the selector then picks for it.
-
-    Run the solver on a held-out dataset with AUTODL_META_STORE=<its store> to measure, end to end,
-    the selection that the leave-one-dataset-out table only looks up. Returns (family, path, choice).
-    """
-    from meta_db.metafeatures import zero_shot_vector
-    from meta_db.selector import load_knowledge, make_selector
-    from meta_db.store import Store
-
-    with Store(store_path, readonly=True) as store:
-        datasets = {d.dataset_id: d for d in store.datasets()}
-        stratum = load_knowledge(store_path)
-        families = sorted({datasets[d].family_id for d in stratum.dataset_ids})
-        written = []
-        for family in families:
-            path = store.copy_without_family(family, Path(out_dir) / f"{family}.sqlite")
-            held_out = datasets.get(family)
-            choice = "-"
-            if held_out is not None:
-                knowledge = load_knowledge(path, time_budget=stratum.time_budget, hardware=stratum.hardware)
-                pipeline_id, reason = make_selector(knowledge, method, k=k).choose(
-                    zero_shot_vector(held_out.metadata_features))
-                choice = reason if pipeline_id else "default pipeline (nothing measured)"
-            written.append((family, path, choice))
-    return written
 
 
 def list_portfolio(store_path, log=print) -> int:
@@ -812,8 +286,15 @@ def _cli(args) -> int:
               f"(code versions {json.dumps(summary['retired_code'])})")
         return 0
     if args.retire_pipeline or args.restore_pipeline:
-        return retire_or_restore_pipelines(store_path, args.retire_pipeline, args.restore_pipeline, args.reason)
+        from meta_db.build import retire_or_restore_pipelines
+
+        try:
+            return retire_or_restore_pipelines(store_path, args.retire_pipeline, args.restore_pipeline, args.reason)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
     if args.lodo_stores:
+        from meta_db.evaluate import write_lodo_stores
+
         for family, path, choice in write_lodo_stores(store_path, args.lodo_stores, k=args.k, method=args.selector):
             print(f"{family}\t{path}\t{choice}")
         return 0
@@ -847,7 +328,7 @@ def _cli(args) -> int:
 def register(subparsers) -> None:
     import argparse
 
-    from meta_db.selector import DEFAULT_SELECTOR, SELECTORS
+    from meta_db.selectors import DEFAULT_SELECTOR, SELECTORS
 
     parser = subparsers.add_parser("meta-train", help="run pipelines x datasets into the meta-knowledge store",
                                    description="\n\n".join(__doc__.split("\n\n")[:2]),
