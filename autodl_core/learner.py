@@ -52,20 +52,6 @@ def batched_forward(module: nn.Module, preprocess: Preprocessor, images, size, b
     return torch.cat(outputs) if outputs else None
 
 
-class RateMeter:
-    """Measured pixels/s of a forward pass, to plan how many images fit in a time slice."""
-
-    def __init__(self, pixels_per_s: float):
-        self.pixels_per_s = pixels_per_s
-
-    def update(self, pixels: float, seconds: float):
-        if seconds > 0.05 and pixels > 0:
-            self.pixels_per_s = 0.5 * self.pixels_per_s + 0.5 * pixels / seconds
-
-    def images_per_s(self, size) -> float:
-        return self.pixels_per_s / max(1, size[0] * size[1])
-
-
 def autocast_for(device: torch.device):
     """Mixed precision on a GPU (bf16 where supported), nothing on the CPU: there bf16 autocast makes
     training steps slower (backward ~2x slower, measured on an AVX512-BF16 Xeon)."""

@@ -1,10 +1,13 @@
 """The time planner: every time decision of a run in one place.
 
-It holds the budget (each call's deadline, the kit's own time between calls, the run's clock),
+It holds the budget (the kit's own time between calls, the run's clock; each call's deadline is computed
+here and then passed down the stages as an argument, never kept as state),
 the measured rates (feature extraction, reading, a fine-tuning step, the last test and validation
 passes) and the cost model built on them, and answers the stages' questions: how long a probe
 slice, what a test prediction will cost, whether a resize or a flip-TTA pass fits, how many
-fine-tuning steps to plan. The stages decide *what* to do; this module says *whether it fits*.
+fine-tuning steps to plan, and when each piece of work inside a call must stop (the `*_deadline`
+methods, from the named constants below). The stages decide *what* to do; this module says *whether
+it fits* and *until when*.
 """
 from __future__ import annotations
 
@@ -13,12 +16,59 @@ import time
 
 import numpy as np
 
-from autodl_core.learner import RateMeter
-
 log = logging.getLogger("autodl_core.planner")
+
+
+class RateMeter:
+    """Measured pixels/s of a forward pass, to plan how many images fit in a time slice."""
+
+    def __init__(self, pixels_per_s: float):
+        self.pixels_per_s = pixels_per_s
+
+    def update(self, pixels: float, seconds: float):
+        if seconds > 0.05 and pixels > 0:
+            self.pixels_per_s = 0.5 * self.pixels_per_s + 0.5 * pixels / seconds
+
+    def images_per_s(self, size) -> float:
+        return self.pixels_per_s / max(1, size[0] * size[1])
+
 
 SAFETY_SECONDS = 3.0  # kept free at the end of the budget: the kit kills ingestion at T
 MIN_STEP_SECONDS = 0.5  # a train call with less time than this left does no work (it could only overrun)
+
+# How long a piece of work inside a call may take, and what it leaves before the call's deadline (seconds).
+# The stages ask the planner for these deadlines (`TimePlanner.*_deadline`); none computes one itself.
+PEEK_SECONDS = 1.0  # the first look at raw examples (sizes, channels, value range) stops after this
+READ_CHUNK_SECONDS = 5.0  # one chunk of reading the whole training set
+READ_ALL_RESERVE = 10.0  # reading the whole training set stops this long before the deadline
+CLASS_SEARCH_FACTOR = 3.0  # the first chunk reads on, up to this many times its time (at least
+CLASS_SEARCH_MIN_SECONDS = 1.0  # this long), until every class has appeared ...
+CLASS_SEARCH_SECONDS = 0.1  # ... one small read at a time
+THUMBNAIL_FIT_SECONDS = 2.0  # the thumbnail head's fit ...
+THUMBNAIL_FIT_RESERVE = 1.0  # ... leaving this before the call's deadline
+PROBE_FIT_SECONDS = 5.0  # the first probe's head fit ...
+PROBE_FIT_RESERVE = 1.0  # ... leaving this and the test features' cost
+FEATURE_PASS_MIN_SECONDS = 1.0  # a probe slice's feature pass runs at least this long ...
+FEATURE_PASS_RESERVE = 2.0  # ... and stops this long before the call's deadline
+POOLING_RESERVE = 1.0  # pooling the probe's new activations stops this long before the call's deadline
+STEP_PASS_RESERVE = 2.0  # a probe step's passes stop this long before the call's deadline (its head follows)
+STEP_FIT_SECONDS = 10.0  # a probe step's head fit
+TRAIN_SLICE_SHARE = 0.7  # of a fine-tuning slice: the training steps ...
+CACHE_SLICE_SHARE = 0.3  # ... and extending the activation caches
+FINETUNE_START_RESERVE = 10.0  # fine-tuning's first caches and rescoring leave this before the deadline
+RESIZE_CACHE_RESERVE = 30.0  # the caches of a new fine-tuning size leave this (the first steps at it)
+STEP_TIMING_SECONDS = 60.0  # the measured first steps that size a cosine schedule take at most this ...
+STEP_TIMING_RESERVE = 5.0  # ... leaving this before the deadline
+
+
+def seconds_since(started: float) -> float:
+    """Seconds from `started` (a time.monotonic() reading) to now: what the stages time their work with."""
+    return time.monotonic() - started
+
+
+def in_seconds(seconds: float) -> float:
+    """The time.monotonic() reading `seconds` from now."""
+    return time.monotonic() + seconds
 
 
 class SideRate:
@@ -69,7 +119,6 @@ MIN_STEP_TIME = 20.0  # seconds a step needs at least (a fine-tuning step, or a 
 class TimePlanner:
     def __init__(self, rate: RateMeter):
         self.rate = rate  # pixels/s of frozen feature extraction (warm-up, then measured)
-        self.deadline: float | None = None  # when the current call must return
         self.clock_start: float | None = None  # the first train call
         self._returned_at: float | None = None
         self.kit_seconds = 0.0  # the kit's own time between our calls (the most seen)
@@ -85,6 +134,78 @@ class TimePlanner:
         if self._returned_at is not None:
             self.kit_seconds = max(self.kit_seconds, started - self._returned_at)
         return started + float(remaining_time_budget) - SAFETY_SECONDS - self.kit_seconds
+
+    # ------------------------------------------------------------------ deadlines inside a call
+    # Each returns a time.monotonic() reading: when a piece of work must stop, from the call's `deadline`.
+    @staticmethod
+    def first_chunk_deadline(deadline: float, started: float, first_chunk_seconds: float) -> float:
+        return min(deadline, started + first_chunk_seconds)
+
+    @staticmethod
+    def class_search_deadline(deadline: float, started: float, first_chunk_seconds: float) -> float:
+        return min(deadline, started + max(CLASS_SEARCH_FACTOR * first_chunk_seconds, CLASS_SEARCH_MIN_SECONDS))
+
+    @staticmethod
+    def class_search_read_deadline(cap: float) -> float:
+        return min(cap, time.monotonic() + CLASS_SEARCH_SECONDS)
+
+    @staticmethod
+    def read_chunk_deadline(deadline: float) -> float:
+        return min(deadline, time.monotonic() + READ_CHUNK_SECONDS)
+
+    @staticmethod
+    def read_all_must_stop(deadline: float) -> bool:
+        """Reading the whole training set gives up here: too close to the deadline for what follows."""
+        return time.monotonic() > deadline - READ_ALL_RESERVE
+
+    @staticmethod
+    def thumbnail_fit_deadline(deadline: float) -> float:
+        return min(time.monotonic() + THUMBNAIL_FIT_SECONDS, deadline - THUMBNAIL_FIT_RESERVE)
+
+    @staticmethod
+    def probe_slice_deadline(deadline: float, slice_s: float, test_cost: float) -> float:
+        """A probe slice's end: `slice_s` from now, or earlier so that its test prediction still fits."""
+        return min(deadline - test_cost, time.monotonic() + slice_s)
+
+    @staticmethod
+    def feature_pass_deadline(deadline: float, slice_deadline: float) -> float:
+        return min(deadline - FEATURE_PASS_RESERVE, max(slice_deadline, time.monotonic() + FEATURE_PASS_MIN_SECONDS))
+
+    @staticmethod
+    def pooling_deadline(deadline: float) -> float:
+        return deadline - POOLING_RESERVE
+
+    @staticmethod
+    def probe_fit_deadline(deadline: float, test_cost: float) -> float:
+        return min(time.monotonic() + PROBE_FIT_SECONDS, deadline - PROBE_FIT_RESERVE - test_cost)
+
+    @staticmethod
+    def step_pass_deadline(deadline: float) -> float:
+        return deadline - STEP_PASS_RESERVE
+
+    @staticmethod
+    def step_fit_deadline(stop: float) -> float:
+        return min(time.monotonic() + STEP_FIT_SECONDS, stop)
+
+    @staticmethod
+    def train_slice_deadline(slice_s: float) -> float:
+        return time.monotonic() + TRAIN_SLICE_SHARE * slice_s
+
+    @staticmethod
+    def cache_slice_seconds(slice_s: float) -> float:
+        return CACHE_SLICE_SHARE * slice_s
+
+    @staticmethod
+    def finetune_start_deadline(deadline: float) -> float:
+        return deadline - FINETUNE_START_RESERVE
+
+    @staticmethod
+    def resize_cache_deadline(deadline: float) -> float:
+        return deadline - RESIZE_CACHE_RESERVE
+
+    @staticmethod
+    def step_timing_deadline(deadline: float) -> float:
+        return min(time.monotonic() + STEP_TIMING_SECONDS, deadline - STEP_TIMING_RESERVE)
 
     def returned(self):
         """A call returns to the kit: what happens until the next call is the kit's time."""

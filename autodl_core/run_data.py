@@ -17,12 +17,10 @@ from autodl_core import readers
 from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan
 from autodl_core.images import Preprocessor
-from autodl_core.planner import TimePlanner
+from autodl_core.planner import PEEK_SECONDS, TimePlanner, in_seconds, seconds_since
 from autodl_core.profile import DataProfile, choose_storage_shape
 
 log = logging.getLogger("autodl_core.run_data")
-
-PEEK_SECONDS = 1.0  # the first look at raw examples (sizes, channels, value range) stops after this
 
 
 class RunData:
@@ -47,7 +45,7 @@ class RunData:
 
     # ------------------------------------------------------------------ training data
     def open_train(self, dataset, read_train: bool = True):
-        peek = readers.peek(dataset, deadline=time.monotonic() + PEEK_SECONDS)
+        peek = readers.peek(dataset, deadline=in_seconds(PEEK_SECONDS))
         self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
         self._datasets["train"] = dataset
         if self.config.uses_steps(self.device.type):
@@ -94,7 +92,7 @@ class RunData:
         if chunk is None:
             return 0
         x, y = chunk
-        self.planner.note_read(len(x), time.monotonic() - started)
+        self.planner.note_read(len(x), seconds_since(started))
         if self.train_x is None:
             self.train_x, self.train_y = x, y
         else:
@@ -110,9 +108,9 @@ class RunData:
     def read_all_train(self, deadline: float) -> bool:
         """Read what is left (5 s at a time); False when the deadline comes within 10 s."""
         while not self.reading_done():
-            if self.read_more_train(min(deadline, time.monotonic() + 5.0)) == 0:
+            if self.read_more_train(self.planner.read_chunk_deadline(deadline)) == 0:
                 break
-            if time.monotonic() > deadline - 10:
+            if self.planner.read_all_must_stop(deadline):
                 return False
         return True
 

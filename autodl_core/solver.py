@@ -100,7 +100,6 @@ class Solver:
         ctx, started = self.ctx, time.monotonic()
         deadline = ctx.planner.call_deadline(started, remaining_time_budget)
         self.calls += 1
-        ctx.planner.deadline = deadline
         if self.calls == 1:
             ctx.planner.clock_start = started
         try:
@@ -135,7 +134,6 @@ class Solver:
             elif data.test_x is None:
                 data.read_test(dataset, deadline)
             if data.test_x is not None and predictions.pending is None and deadline - time.monotonic() > 0.5:
-                ctx.planner.deadline = deadline
                 predictions.pending = predictions.predictor(deadline) if predictions.predictor else None
             if predictions.pending is not None:
                 predictions.last_good = data.sanitize(predictions.pending)

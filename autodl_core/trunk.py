@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from autodl_core.engines import Runner
 from autodl_core.images import Preprocessor
-from autodl_core.learner import RateMeter
+from autodl_core.planner import RateMeter
 
 
 class Top(nn.Module):

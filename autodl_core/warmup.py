@@ -20,7 +20,8 @@ from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan
 from autodl_core.engines import EngineChoice, TorchRunner, choose_runner, images_per_s
 from autodl_core.images import Preprocessor, working_size
-from autodl_core.learner import Classifier, FineTuner, RateMeter, inference_autocast
+from autodl_core.learner import Classifier, FineTuner, inference_autocast
+from autodl_core.planner import RateMeter, in_seconds
 from autodl_core.planner import SideRate
 from autodl_core.trunk import split_backbone
 
@@ -141,9 +142,9 @@ def _top_train_rate(net: Backbone, device: torch.device) -> SideRate:
         def batch(idx, activations=activations):
             return activations[idx].contiguous(memory_format=torch.channels_last)
 
-        tuner.train_until(batch, labels, np.arange(64), deadline=time.monotonic() + 5, max_steps=1)
+        tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=1)
         started, steps = time.monotonic(), tuner.steps
-        tuner.train_until(batch, labels, np.arange(64), deadline=time.monotonic() + 5, max_steps=2)
+        tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=2)
         points.append((side, 32 * (tuner.steps - steps) / max(1e-6, time.monotonic() - started)))
     return SideRate(points)
 
@@ -225,7 +226,7 @@ def _warm_up_gpu(net: Backbone, config: PipelineConfig, metadata, device: torch.
     images = torch.randint(0, 256, (train_batch, *storage, max(1, channels)), dtype=torch.uint8, device=device)
     labels = np.eye(n_classes, dtype=np.float32)[np.arange(train_batch) % n_classes]
     tuner.train_until(tuner.image_batches(images, size), labels, np.arange(train_batch),
-                      deadline=time.monotonic() + 120, max_steps=12)
+                      deadline=in_seconds(120), max_steps=12)
     tuner.predict(images, size, batch_size=plan.predict_batch)
     net.warm_step_seconds = tuner.seconds_per_step
     log.info("warm-up: full fine-tuning step at %s, batch %d: %.4fs", size, train_batch,

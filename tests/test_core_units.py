@@ -153,7 +153,7 @@ def test_flip_tta_is_rechecked_on_every_checkpoint_while_on():
 def test_call_deadline_keeps_the_kits_own_time_between_calls():
     """The kit writes each prediction file between our test() and the next train(): the most it took
     is kept free at the end, beside the safety margin."""
-    from autodl_core.learner import RateMeter
+    from autodl_core.planner import RateMeter
     from autodl_core.planner import SAFETY_SECONDS, TimePlanner
 
     planner = TimePlanner(RateMeter(1.0))  # only the deadline arithmetic
@@ -181,7 +181,7 @@ def test_planner_answers_whether_a_resize_fits():
     """A resize is affordable when its new caches cost at most half the time left and leave 30 s."""
     import time
 
-    from autodl_core.learner import RateMeter
+    from autodl_core.planner import RateMeter
     from autodl_core.planner import TimePlanner
 
     planner = TimePlanner(RateMeter(100.0 * 64 * 64))  # 100 img/s at 64 px, 25 img/s at 128 px
@@ -199,7 +199,7 @@ def test_planner_answers_whether_a_resize_fits():
 def test_planner_schedule_length_and_replanning():
     import time
 
-    from autodl_core.learner import RateMeter
+    from autodl_core.planner import RateMeter
     from autodl_core.planner import TimePlanner
 
     planner = TimePlanner(RateMeter(1.0))
@@ -211,7 +211,7 @@ def test_planner_schedule_length_and_replanning():
 
 
 def test_probe_reads_no_more_than_its_slice_can_turn_into_features():
-    from autodl_core.learner import RateMeter
+    from autodl_core.planner import RateMeter
     from autodl_core.planner import TimePlanner
 
     planner = TimePlanner(RateMeter(100.0 * 64 * 64))  # 100 features/s at 64 px
@@ -236,3 +236,23 @@ def test_resolution_growth_asks_for_a_larger_size_only_when_it_can_help():
     assert growth.next_size((64, 64), storage, 0.9, has_best_weights=True) is None  # refused here before
     growth.grew(), growth.grew()
     assert growth.next_size((96, 96), storage, 0.9, has_best_weights=True) is None  # growths used up
+
+
+def test_the_planners_deadlines_inside_a_call_leave_their_reserves():
+    """Every deadline a stage works to comes from the planner and keeps its reserve before the call's end."""
+    import time
+
+    from autodl_core import planner as p
+
+    deadline = time.monotonic() + 100.0
+    assert p.TimePlanner.probe_slice_deadline(deadline, 1000.0, 7.0) == deadline - 7.0
+    assert p.TimePlanner.feature_pass_deadline(deadline, deadline) == deadline - p.FEATURE_PASS_RESERVE
+    assert p.TimePlanner.probe_fit_deadline(deadline, 3.0) <= time.monotonic() + p.PROBE_FIT_SECONDS
+    assert p.TimePlanner.probe_fit_deadline(time.monotonic() + 2.0, 3.0) < time.monotonic()  # no room: already due
+    assert p.TimePlanner.step_fit_deadline(deadline - p.STEP_PASS_RESERVE) <= deadline - p.STEP_PASS_RESERVE
+    assert p.TimePlanner.thumbnail_fit_deadline(time.monotonic() + 1.5) <= time.monotonic() + 0.5
+    assert p.TimePlanner.step_timing_deadline(deadline) <= time.monotonic() + p.STEP_TIMING_SECONDS
+    assert p.TimePlanner.read_all_must_stop(time.monotonic() + p.READ_ALL_RESERVE - 0.5)
+    assert not p.TimePlanner.read_all_must_stop(deadline)
+    assert p.TimePlanner.cache_slice_seconds(10.0) + (p.TimePlanner.train_slice_deadline(10.0) - time.monotonic()) \
+        == pytest.approx(10.0, abs=0.01)

@@ -167,7 +167,7 @@ def _run_data(train):
     from autodl_core.arrays import ArrayMetadata
     from autodl_core.config import PipelineConfig
     from autodl_core.device_plan import plan_for
-    from autodl_core.learner import RateMeter
+    from autodl_core.planner import RateMeter
     from autodl_core.planner import TimePlanner
     from autodl_core.run_data import RunData
 
@@ -313,7 +313,7 @@ def _steps_for(n_train, n_test, stored, large=None, left=255.0):
     from types import SimpleNamespace
 
     from autodl_core.config import PipelineConfig
-    from autodl_core.learner import RateMeter
+    from autodl_core.planner import RateMeter
     from autodl_core.planner import TimePlanner
     from autodl_core.stages.steps import StepsStage
 

@@ -22,7 +22,7 @@ from autodl_core.growth import ResolutionGrowth
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
 from autodl_core.learner import Classifier, FineTuner
-from autodl_core.planner import min_gain
+from autodl_core.planner import in_seconds, min_gain, seconds_since
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.probe import ProbeStage
 from autodl_core.stages.thumbnails import ThumbnailStage
@@ -84,9 +84,9 @@ class FinetuneStage:
                 ctx.predictions.nothing_new()
                 return self.name
             slice_s = min(self.slice_seconds, time_left)
-            self._extend_cache(0.3 * slice_s)
+            self._extend_cache(ctx.planner.cache_slice_seconds(slice_s))
             self.tuner.train_until(self._make_batch(), ctx.data.train_y, self._fit_pool(),
-                                   deadline=time.monotonic() + 0.7 * slice_s)
+                                   deadline=ctx.planner.train_slice_deadline(slice_s))
             self._replan_if_step_time_moved(self.schedule_end(deadline))
             self.slice_seconds *= ctx.config.slice_growth
             if len(self.val_idx) == 0:
@@ -105,7 +105,7 @@ class FinetuneStage:
                      self.size, value, ctx.best_val_score)
             self._track(value, plain)
             val_probs = self.with_flip_tta(plain, deadline)
-            ctx.planner.ft_val_seconds = time.monotonic() - val_started
+            ctx.planner.ft_val_seconds = seconds_since(val_started)
             if self._worth_predicting(val_probs, deadline):
                 self.val_probs = val_probs
                 break
@@ -173,9 +173,11 @@ class FinetuneStage:
         self.val_idx = np.flatnonzero(data.is_val)
         self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
         if top_mode:
-            ctx.caches.train.ensure(data.images("train"), self.val_idx, deadline=deadline - 10.0)
+            ctx.caches.train.ensure(data.images("train"), self.val_idx,
+                                    deadline=ctx.planner.finetune_start_deadline(deadline))
         if self.start is None:  # (the steps stage scored the earlier candidates on its own split)
-            self._rescore_candidates_on_full_val(deadline - 10.0)  # the probe's candidates, on the probe-size caches
+            # the probe's candidates, on the probe-size caches
+            self._rescore_candidates_on_full_val(ctx.planner.finetune_start_deadline(deadline))
             if top_mode and cfg.finetune_resolution > 0:
                 self._top_finetune_resolution(deadline)
         self._start_schedule(self.schedule_end(deadline), deadline)
@@ -217,9 +219,11 @@ class FinetuneStage:
         caches, images = ctx.caches, ctx.data.images("train")
         caches.at(new_size)  # new train/test caches; the probe's features are not needed any more
         caches.train.ensure(images, self.val_idx)
-        caches.test.ensure(ctx.data.images("test"), np.arange(ctx.data.n_test_read), deadline=deadline - 30)
+        caches.test.ensure(ctx.data.images("test"), np.arange(ctx.data.n_test_read),
+                           deadline=ctx.planner.resize_cache_deadline(deadline))
         first = ctx.planner.first_share(ctx.planner.feature_rate(new_size), len(self.fit_idx))
-        caches.train.ensure(images, self.fit_idx[:max(first, ctx.config.batch_size)], deadline=deadline - 30)
+        caches.train.ensure(images, self.fit_idx[:max(first, ctx.config.batch_size)],
+                            deadline=ctx.planner.resize_cache_deadline(deadline))
 
     def _new_tuner(self, model: Classifier, lr: float):
         """Top mode: the CPU recipe (batch 64, cached activations). Full mode: a batch sized to the
@@ -282,7 +286,7 @@ class FinetuneStage:
         """Cosine schedule length: the steps that fit in the time left, from the steady-state step time
         (a few measured steps; the first, cold ones are not trusted, see autodl_core/schedule.py)."""
         self.tuner.train_until(self._make_batch(), self.ctx.data.train_y, self._fit_pool(),
-                               deadline=min(time.monotonic() + 60, deadline - 5.0),
+                               deadline=self.ctx.planner.step_timing_deadline(deadline),
                                max_steps=2 * self.tuner.clock.block_steps + 1)
         per_step = self.tuner.seconds_per_step or 1.0
         self.tuner.total_steps_hint = self.ctx.planner.planned_steps(deadline, per_step)
@@ -319,7 +323,7 @@ class FinetuneStage:
             return
         missing = self.fit_idx[~ctx.caches.train.has[self.fit_idx]]
         if len(missing):
-            ctx.caches.train.ensure(ctx.data.images("train"), missing, deadline=time.monotonic() + seconds)
+            ctx.caches.train.ensure(ctx.data.images("train"), missing, deadline=in_seconds(seconds))
 
     def predict_val(self, deadline: float | None, flip: bool = False):
         ctx = self.ctx
@@ -385,7 +389,7 @@ class FinetuneStage:
             if flipped is None:
                 return None  # the flipped test activations are being computed; next call goes on
             probs = (probs + flipped) / 2
-        ctx.planner.ft_test_seconds = time.monotonic() - started
+        ctx.planner.ft_test_seconds = seconds_since(started)
         ctx.candidates.add(Candidate(self.checkpoint_name(), probs, self.val_probs, group=self.group()))
         return ctx.best_combination()
 

@@ -15,6 +15,7 @@ import torch
 from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
+from autodl_core.planner import seconds_since
 from autodl_core.run_context import RunContext
 from autodl_core.stages.thumbnails import ThumbnailStage
 
@@ -50,7 +51,7 @@ class ProbeStage:
         size = self.working_size()
         rate = planner.feature_rate(size)
         slice_s = planner.probe_slice_seconds()
-        slice_deadline = min(deadline - self.test_feature_cost(size), time.monotonic() + slice_s)
+        slice_deadline = planner.probe_slice_deadline(deadline, slice_s, self.test_feature_cost(size))
         have_features = 0 if caches.train_features is None else len(caches.train_features)
         n_feature_target = planner.probe_feature_target(slice_s, size, data.n_read, have_features, self.max_examples())
         if data.n_read < n_feature_target:
@@ -58,13 +59,13 @@ class ProbeStage:
         n_target = min(data.n_read, self.max_examples())
         n_target = min(n_target, have_features + max(64, int(rate * max(1.0, slice_deadline - time.monotonic()))))
         if n_target > have_features:
-            self._extend_features(size, have_features, n_target, slice_deadline)
+            self._extend_features(size, have_features, n_target, slice_deadline, deadline)
         if caches.train_features is None:
             return self.name
-        self._fit_head(size)
+        self._fit_head(size, deadline)
         self._thumbs_stale = data.n_read > 1.5 * self.thumbnails.examples()
         if self._thumbs_stale:
-            self.thumbnails.fit()
+            self.thumbnails.fit(deadline)
         ctx.predictions.ready(self.predict)
         n_feat = len(caches.train_features)
         if n_feat >= min(self.max_examples(), data.n_read) and (data.reading_done() or n_feat >= self.max_examples()):
@@ -74,24 +75,25 @@ class ProbeStage:
             return "done"
         return self.name
 
-    def _extend_features(self, size, have_features: int, n_target: int, slice_deadline: float):
+    def _extend_features(self, size, have_features: int, n_target: int, slice_deadline: float, deadline: float):
         """Features of examples have_features..n_target-1 (a prefix of them when time runs short)."""
         ctx = self.ctx
-        caches, call_deadline = ctx.caches, ctx.planner.deadline
+        caches, planner = ctx.caches, ctx.planner
         caches.at(size)
         started = time.monotonic()
         caches.train.ensure(ctx.data.images("train"), np.arange(have_features, n_target),
-                            deadline=min(call_deadline - 2.0, max(slice_deadline, time.monotonic() + 1.0)))
+                            deadline=planner.feature_pass_deadline(deadline, slice_deadline))
         ready = caches.train.has[have_features:n_target]
         done = int(np.argmin(ready)) if not ready.all() else len(ready)  # cached prefix length
         if not done:
             return
-        new = caches.pooled(caches.train, np.arange(have_features, have_features + done), deadline=call_deadline - 1.0)
+        new = caches.pooled(caches.train, np.arange(have_features, have_features + done),
+                            deadline=planner.pooling_deadline(deadline))
         if new is not None:
-            ctx.planner.note_features(done, size, time.monotonic() - started)
+            planner.note_features(done, size, seconds_since(started))
             caches.train_features = new if caches.train_features is None else torch.cat([caches.train_features, new])
 
-    def _fit_head(self, size):
+    def _fit_head(self, size, deadline: float):
         ctx = self.ctx
         features, data = ctx.caches.train_features, ctx.data
         n_feat = len(features)
@@ -101,7 +103,7 @@ class ProbeStage:
             fit_mask[:] = True
         self.head = LinearHead(data.profile.multilabel, l2=self.l2(fit_mask.sum())).fit(
             features[torch.from_numpy(fit_mask).to(features.device)], y[fit_mask], max_iter=100,
-            deadline=min(time.monotonic() + 5.0, ctx.planner.deadline - 1.0 - self.test_feature_cost(size)))
+            deadline=ctx.planner.probe_fit_deadline(deadline, self.test_feature_cost(size)))
         self.size = size
 
     def first_examples(self, n: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,7 +148,7 @@ class ProbeStage:
                              n_test)
                 return None  # the activations stay cached for the next call
             caches.test_features = features
-            ctx.planner.note_features(done, size, time.monotonic() - started)
+            ctx.planner.note_features(done, size, seconds_since(started))
         probs = self.head.predict_proba(caches.test_features)
         ctx.candidates.add(Candidate("probe", probs, self.val_probs()))
         if self._thumbs_stale:

@@ -32,7 +32,7 @@ import numpy as np
 from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
-from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE
+from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE, seconds_since
 from autodl_core.run_context import RunContext
 from autodl_core.stages.finetune import FinetuneStage, StepStart
 from autodl_core.stages.probe import ProbeStage
@@ -90,7 +90,7 @@ class ProbeStep:
             log.info("step: frozen probe of %s at %s%s", self.net.name, self.size,
                      ", then fine-tuning" if self.then_tune else "")
         caches, data = ctx.caches, ctx.data
-        stop = deadline - 2.0
+        stop = ctx.planner.step_pass_deadline(deadline)
         if data.reread_needed(self.size) and not data.reread_at_large_size(stop) \
                 and data.large_storage_hw is not None:
             ctx.predictions.nothing_new()  # reading again at the large size: goes on at the next call
@@ -110,11 +110,11 @@ class ProbeStep:
         if features is None or test_features is None:
             ctx.predictions.nothing_new()
             return
-        ctx.planner.note_features(len(fit_val) + n_test, self.size, time.monotonic() - started)
+        ctx.planner.note_features(len(fit_val) + n_test, self.size, seconds_since(started))
         y = data.train_y
         n_fit = len(self.fit_idx)
         self.head = LinearHead(data.profile.multilabel, l2=ProbeStage.l2(n_fit)).fit(
-            features[:n_fit], y[self.fit_idx], max_iter=100, deadline=min(time.monotonic() + 10.0, stop))
+            features[:n_fit], y[self.fit_idx], max_iter=100, deadline=ctx.planner.step_fit_deadline(stop))
         self.val_probs = self.head.predict_proba(features[n_fit:]) if len(self.val_idx) else None
         self.test_probs = self.head.predict_proba(test_features)
         self.finished = True
@@ -153,7 +153,7 @@ class StepsStage:
                 return self.name
             if ctx.caches.test_features is None:
                 return self.name  # the probe's test prediction is still being made: the next test call ends it
-            self._begin()
+            self._begin(deadline)
             self.started = True
             return self.name
         for _ in range(4):  # a step may finish without a prediction: the next one starts in the same call
@@ -182,7 +182,7 @@ class StepsStage:
         return self.name
 
     # ------------------------------------------------------------------ the validation split
-    def _begin(self):
+    def _begin(self, deadline: float):
         """Every example is read: check the validation split against near-duplicates (the first probe's
         features), and score the earlier candidates on the split the steps will use."""
         ctx, data, cfg = self.ctx, self.ctx.data, self.ctx.config
@@ -196,7 +196,7 @@ class StepsStage:
                 full = np.zeros(data.n_read, bool)
                 full[:n] = mask
                 data.set_val_mask(full)
-                self._refit_first_heads()
+                self._refit_first_heads(deadline)
         self.val_idx = np.flatnonzero(data.is_val)
         self.fit_idx = np.flatnonzero(~data.is_val)
         if len(self.val_idx):
@@ -208,14 +208,14 @@ class StepsStage:
             _, ctx.best_val_score = ctx.candidates.select(data.val_labels())
         ctx.predictions.ready(lambda deadline: ctx.best_combination())
 
-    def _refit_first_heads(self):
+    def _refit_first_heads(self, deadline: float):
         """The thumbnail and probe heads saw examples now held out: refitted without them (seconds)."""
         ctx = self.ctx
-        self.thumbnails.fit()
+        self.thumbnails.fit(deadline)
         self.thumbnails.register()
         probe = self.probe
         if probe.head is not None and probe.size is not None:
-            probe._fit_head(probe.size)
+            probe._fit_head(probe.size, deadline)
             ctx.candidates.add(Candidate("probe", probe.head.predict_proba(ctx.caches.test_features), None))
 
     # ------------------------------------------------------------------ which step next

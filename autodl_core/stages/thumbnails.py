@@ -26,21 +26,23 @@ class ThumbnailStage:
         self._test_thumbnails = None  # the test set never changes
 
     def step(self, deadline: float) -> str:
-        data, cfg = self.ctx.data, self.ctx.config
+        data, cfg, planner = self.ctx.data, self.ctx.config, self.ctx.planner
         started = time.monotonic()
-        data.read_more_train(min(deadline, started + cfg.first_chunk_seconds), max_examples=FIRST_CHUNK_MAX)
+        data.read_more_train(planner.first_chunk_deadline(deadline, started, cfg.first_chunk_seconds),
+                             max_examples=FIRST_CHUNK_MAX)
         # Data sorted by class: a first chunk that saw only some classes predicts the others at chance
         # (sign_language_digits: 2 of 10 classes in its first 300 examples, test NAUC 0.77 instead of
         # 0.95). Read on, up to 3x the time (at least 1 s), until every class has appeared.
-        cap = min(deadline, started + max(3 * cfg.first_chunk_seconds, 1.0))
+        cap = planner.class_search_deadline(deadline, started, cfg.first_chunk_seconds)
         while not data.all_classes_seen() and data.n_read < FIRST_CHUNK_MAX and time.monotonic() < cap:
-            if data.read_more_train(min(cap, time.monotonic() + 0.1), max_examples=FIRST_CHUNK_MAX - data.n_read) == 0:
+            if data.read_more_train(planner.class_search_read_deadline(cap),
+                                    max_examples=FIRST_CHUNK_MAX - data.n_read) == 0:
                 break
-        self.fit()
+        self.fit(deadline)
         self.ctx.predictions.ready(self.predict)
         return "probe"
 
-    def fit(self):
+    def fit(self, deadline: float):
         data = self.ctx.data
         n = min(data.n_read, 20000)
         fit = ~data.is_val[:n]
@@ -49,7 +51,7 @@ class ThumbnailStage:
         self.n_fitted = n
         self.head = LinearHead(data.profile.multilabel, l2=1e-2).fit(
             thumbnails(data.train_x[:n][fit]), data.train_y[:n][fit], max_iter=60,
-            deadline=min(time.monotonic() + 2.0, self.ctx.planner.deadline - 1.0))
+            deadline=self.ctx.planner.thumbnail_fit_deadline(deadline))
 
     def examples(self) -> int:
         """Examples the head was fitted on (0 before a successful fit)."""
