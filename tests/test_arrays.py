@@ -19,7 +19,7 @@ from PIL import Image
 
 from autodl_core import arrays, readers, tfreader
 from autodl_data import corpus_npz
-from tools.ingestion import import_frameworks
+from tools.tf_support import import_tensorflow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _tf():
     segfaults when a later test of the same pytest run loads triton)."""
     if importlib.util.find_spec("tensorflow") is None:
         pytest.skip("TensorFlow is not installed")
-    tf = import_frameworks("eager")
+    tf = import_tensorflow(mode="eager", quiet=False)
     if not tf.executing_eagerly():
         pytest.skip("TensorFlow runs in graph mode in this process")
     return tf

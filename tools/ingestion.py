@@ -26,6 +26,8 @@ import time
 import traceback
 from pathlib import Path
 
+from tools.tf_support import import_tensorflow
+
 START_FILE = "start.txt"
 END_FILE = "end.txt"
 
@@ -52,25 +54,6 @@ class StatusFile:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
-
-
-def import_frameworks(tf_mode: str):
-    """torch (and triton, via torch._dynamo) BEFORE TensorFlow: the reverse order segfaults with TF 2.21."""
-    try:
-        import torch  # noqa: F401
-        import torch._dynamo  # noqa: F401
-    except ImportError:
-        pass
-    if tf_mode == "graph":
-        import importlib.util
-
-        if importlib.util.find_spec("tf_keras") is not None:  # graph-capable Keras 2, as the judge sets it
-            os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    import tensorflow as tf
-
-    if tf_mode == "graph":
-        tf.compat.v1.disable_v2_behavior()  # TF1 semantics, as on the challenge platform
-    return tf
 
 
 def write_start_file(output_dir: Path, task_name: str, time_budget: float, start_time: float) -> None:
@@ -201,7 +184,7 @@ def ingest(code_dir: str, dataset_dir: str, output_dir: str, time_budget: float,
     output_dir_p.mkdir(parents=True, exist_ok=True)
 
     status.set(stage="import")
-    import_frameworks(tf_mode)
+    import_tensorflow(mode=tf_mode, quiet=False)
     from autodl_data.autodl_format import AutoDLDataset, find_task
 
     status.set(stage="datasets")
