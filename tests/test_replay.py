@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from tools.replay import VirtualClock, compare, replay, save
+from tools.replay import VirtualClock, compare, digits_split, multilabel_digits_split, replay, save
 
 pretrained = pytest.importorskip("pretrained")
 
@@ -15,6 +15,14 @@ pretrained = pytest.importorskip("pretrained")
 def test_virtual_clock_advances_by_its_step_at_every_reading():
     clock = VirtualClock(0.5, start=10.0)
     assert [clock(), clock(), clock()] == [10.5, 11.0, 11.5]
+
+
+def test_the_multilabel_replay_task_adds_a_five_or_more_column():
+    (train, test), (ml_train, ml_test) = digits_split(), multilabel_digits_split()
+    assert ml_train.labels.shape == (len(train), 11) and ml_test.labels.shape == (len(test), 11)
+    digit = train.labels.argmax(axis=1)
+    assert np.array_equal(ml_train.labels[:, 10], (digit >= 5).astype(np.float32))
+    assert set(ml_train.labels.sum(axis=1)) == {1.0, 2.0} and np.array_equal(ml_train.images, train.images)
 
 
 def test_compare_names_every_difference(tmp_path):

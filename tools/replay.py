@@ -32,6 +32,20 @@ class VirtualClock:
         return self.now
 
 
+def multilabel_digits_split():
+    """The digits with a second label column set on every digit of 5 or more: a multi-label task (11
+    columns, one or two of them set), for checking the solver's multi-label decisions too."""
+    from autodl_core.arrays import ArrayDataset
+
+    train, test = digits_split()
+
+    def with_high(data):
+        high = data.labels[:, 5:].sum(axis=1, keepdims=True)
+        return ArrayDataset(data.images, np.concatenate([data.labels, high], axis=1).astype(np.float32))
+
+    return with_high(train), with_high(test)
+
+
 def digits_split():
     from sklearn.datasets import load_digits
 
@@ -44,7 +58,7 @@ def digits_split():
     return ArrayDataset(x[order[:1400]], y[order[:1400]]), ArrayDataset(x[order[1400:]], y[order[1400:]])
 
 
-def replay(budget: float, step: float, strategy: str = "auto", max_calls: int = 40) -> dict:
+def replay(budget: float, step: float, strategy: str = "auto", max_calls: int = 40, multilabel: bool = False) -> dict:
     """Run the kit's loop under the virtual clock; {"times": virtual seconds, "predictions": [...]}."""
     import torch
 
@@ -61,7 +75,7 @@ def replay(budget: float, step: float, strategy: str = "auto", max_calls: int = 
         from autodl_core.config import PipelineConfig
         from autodl_core.solver import Solver
 
-        train, test = digits_split()
+        train, test = multilabel_digits_split() if multilabel else digits_split()
         solver = Solver(ArrayMetadata(train, "digits"), PipelineConfig(strategy=strategy), device="cpu")
         start, times, predictions = time.monotonic(), [], []
         while not solver.done_training and len(predictions) < max_calls:
@@ -112,7 +126,7 @@ def run(args) -> int:
         return 1 if problems else 0
     if not args.out:
         raise UserInputError("--out is required (or --compare A B)")
-    result = replay(args.budget, args.step, args.strategy)
+    result = replay(args.budget, args.step, args.strategy, multilabel=args.multilabel)
     save(args.out, result)
     from autodl_core.metrics import nauc
 
@@ -128,5 +142,7 @@ def register(subparsers):
     parser.add_argument("--budget", type=float, default=60.0, help="virtual time budget in seconds (default 60)")
     parser.add_argument("--step", type=float, default=0.01, help="virtual seconds per clock reading (default 0.01)")
     parser.add_argument("--strategy", default="auto", help="the pipeline's strategy (default: the device's)")
+    parser.add_argument("--multilabel", action="store_true",
+                        help="a multi-label task (the digits with a 'five or more' column) instead of the digits")
     parser.add_argument("--compare", nargs=2, metavar="NPZ", help="compare two saved replays instead")
     parser.set_defaults(func=run)
