@@ -363,3 +363,23 @@ def test_before_reading_the_data_again_the_steps_look_at_the_stored_size():
     steps.current = None
     second = steps._stronger_step(deadline)
     assert steps.ctx.data.reread_needed(second.size) and second.net is first.net
+
+
+def test_a_tuning_step_below_its_probe_is_recovering_not_on_a_plateau():
+    """Two stale slices after an epoch end a step once it has passed its probe; below the probe it goes on
+    until RECOVERY_EPOCHS (knee X-rays passed their probe only after ~2 epochs)."""
+    from types import SimpleNamespace
+
+    from autodl_core.stages.finetune import RECOVERY_EPOCHS, FinetuneStage, StepStart
+
+    stage = FinetuneStage.__new__(FinetuneStage)
+    stage.ctx = SimpleNamespace(config=SimpleNamespace(patience_slices=4))
+    stage.start = StepStart(head=None, size=(96, 96), group="net@96x96", until=0.0, probe_score=0.45)
+    stage.fit_idx, stage.stale_slices = np.arange(320), 2
+    stage.tuner = SimpleNamespace(steps=20, batch_size=32, total_steps_hint=40)  # two epochs
+    stage.best_score = 0.60  # above its probe: two stale slices are a plateau
+    assert stage._converged()
+    stage.best_score = 0.30  # below its probe: still recovering
+    assert not stage._converged()
+    stage.tuner.steps = int(RECOVERY_EPOCHS * 10) + 1  # ... until RECOVERY_EPOCHS
+    assert stage._converged()

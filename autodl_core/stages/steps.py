@@ -33,7 +33,7 @@ from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
 from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE, seconds_since
-from autodl_core.run_context import RunContext
+from autodl_core.run_context import RunContext, score
 from autodl_core.stages.finetune import FinetuneStage, StepStart
 from autodl_core.stages.probe import ProbeStage
 from autodl_core.stages.thumbnails import ThumbnailStage
@@ -119,6 +119,12 @@ class ProbeStep:
         self.test_probs = self.head.predict_proba(test_features)
         self.finished = True
         ctx.predictions.ready(self.predict)
+
+    def val_score(self) -> float:
+        """The probe's validation score (-inf without a validation split)."""
+        if self.val_probs is None or not len(self.val_idx):
+            return -np.inf
+        return score(self.ctx.data.train_y[self.val_idx], self.val_probs)
 
     def predict(self, deadline: float):
         ctx = self.ctx
@@ -381,7 +387,7 @@ class StepsStage:
         self.tuned.add(name)
         remaining = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
         until = ctx.planner.tune_step_until(deadline, last=last_step or not remaining)
-        start = StepStart(probe_step.head, probe_step.size, probe_step.group, until)
+        start = StepStart(probe_step.head, probe_step.size, probe_step.group, until, probe_step.val_score())
         self.tune = FinetuneStage(ctx, self.thumbnails, self.probe, start=start, net=probe_step.net)
         self.tunes[name] = self.tune
         self.history.append(f"tune {probe_step.group} for {until - time.monotonic():.0f}s")
