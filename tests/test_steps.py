@@ -383,3 +383,29 @@ def test_a_tuning_step_below_its_probe_is_recovering_not_on_a_plateau():
     assert not stage._converged()
     stage.tuner.steps = int(RECOVERY_EPOCHS * 10) + 1  # ... until RECOVERY_EPOCHS
     assert stage._converged()
+
+
+def test_a_tuning_step_cuts_its_learning_rate_once_after_falls():
+    """A fall goes back to the best weights; within a step only the first one also cuts the learning rate
+    (the single-stage path keeps cutting at every fall, as before)."""
+    from types import SimpleNamespace
+
+    from autodl_core.stages.finetune import FinetuneStage, StepStart
+
+    def stage(start):
+        s = FinetuneStage.__new__(FinetuneStage)
+        restored = []
+        s.start, s.best_score, s.best_state, s.stale_slices, s.lr_cuts = start, 0.8, {"w": 1}, 0, 0
+        s.tuner = SimpleNamespace(steps=100, schedule=SimpleNamespace(warmup_steps=10), base_lrs=[1.0],
+                                  model=SimpleNamespace(load_state_dict=restored.append),
+                                  ema=SimpleNamespace(load_state_dict=restored.append))
+        return s, restored
+
+    step, restored = stage(StepStart(head=None, size=(96, 96), group="g", until=0.0, probe_score=0.8))
+    step._track(0.5)
+    step._track(0.5)
+    assert step.tuner.base_lrs == [pytest.approx(0.3)] and len(restored) == 4
+    single, _ = stage(None)
+    single._track(0.5)
+    single._track(0.5)
+    assert single.tuner.base_lrs == [pytest.approx(0.09)]
