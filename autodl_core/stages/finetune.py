@@ -73,7 +73,6 @@ class FinetuneStage:
         self.growth = ResolutionGrowth(ctx.config)
         self.best_score, self.best_state = -np.inf, None  # the best fine-tuned weights at this resolution
         self.stale_slices = 0
-        self.lr_cuts = 0  # learning-rate cuts after a fall (reset with each new schedule)
         self.val_probs = None  # validation predictions of the checkpoint the next test call predicts
         self._planned_step_seconds = None
 

@@ -281,10 +281,10 @@ class StepsStage:
             probe_worth = (probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN
                            and probe_side >= first_side * MIN_SIDE_GAIN)
             if probe_worth and (tune_side is None or probe_side >= tune_side * MIN_SIDE_GAIN):
-                return self._look_before_reading_again(net, probe_side, deadline) \
+                return self._look_before_reading_again(net, probe_side, first_side, deadline) \
                     or self._probe(net, probe_side, then_tune=False)
             if tune_side is not None:
-                return self._look_before_reading_again(net, tune_side, deadline) \
+                return self._look_before_reading_again(net, tune_side, first_side, deadline) \
                     or self._probe(net, tune_side, then_tune=True)
             if i == 0 and name == ctx.config.backbone:
                 step = self._tune_large_set(net, first_side, deadline)
@@ -308,7 +308,7 @@ class StepsStage:
             return self._tune(self.current, deadline, last_step=True)
         return self._probe(net, side, then_tune=True, tune_to_end=True)
 
-    def _look_before_reading_again(self, net, side: int, deadline: float):
+    def _look_before_reading_again(self, net, side: int, first_side: int, deadline: float):
         """Once, before the first step that must read the data again at the large size: a frozen probe at the
         largest size the stored images hold, if that is clearly larger than the first probe's. Reading
         Oxford flowers again at 340 x 384 px took 7.6 s, and its 288-px probe predicted at 22 s, where the
@@ -316,7 +316,6 @@ class StepsStage:
         if self._looked_before_reading or not self.ctx.data.reread_needed(self._size(side)):
             return None
         self._looked_before_reading = True
-        first_side = min(self.probe.size) if self.probe.size else self._sides()[0]
         stored = [s for s in self._sides() if not self.ctx.data.reread_needed(self._size(s))
                   and s >= first_side * MIN_SIDE_GAIN and s > self.probed.get(net.name, 0)]
         affordable = [s for s in stored if self.ctx.planner.probe_step_affordable(
