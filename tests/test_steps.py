@@ -376,11 +376,17 @@ def test_a_tuning_step_below_its_probe_is_recovering_not_on_a_plateau():
     stage.ctx = SimpleNamespace(config=SimpleNamespace(patience_slices=4))
     stage.start = StepStart(head=None, size=(96, 96), group="net@96x96", until=0.0, probe_score=0.45)
     stage.fit_idx, stage.stale_slices = np.arange(320), 2
+    stage.leaving_head, stage.start_score = True, 0.50
     stage.tuner = SimpleNamespace(steps=20, batch_size=32, total_steps_hint=40)  # two epochs
-    stage.best_score = 0.60  # above its probe: two stale slices are a plateau
+    stage.best_score = 0.60  # above its probe and its start: two stale slices are a plateau
     assert stage._converged()
     stage.best_score = 0.30  # below its probe: still recovering
     assert not stage._converged()
+    stage.best_score = stage.start_score = 0.48  # above its probe, but nothing tuned has passed its start
+    assert not stage._converged()
+    stage.leaving_head = False  # (a later schedule starts from tuned weights: no recovery)
+    assert stage._converged()
+    stage.leaving_head, stage.best_score = True, 0.30
     stage.tuner.steps = int(RECOVERY_EPOCHS * 10) + 1  # ... until RECOVERY_EPOCHS
     assert stage._converged()
 
@@ -396,8 +402,9 @@ def test_a_tuning_step_cuts_its_learning_rate_once_after_falls():
         s = FinetuneStage.__new__(FinetuneStage)
         restored = []
         s.start, s.best_score, s.best_state, s.stale_slices, s.lr_cuts = start, 0.8, {"w": 1}, 0, 0
+        s.leaving_head, s.start_score, s.fit_idx = False, 0.8, np.arange(320)
         s.tuner = SimpleNamespace(steps=100, schedule=SimpleNamespace(warmup_steps=10), base_lrs=[1.0],
-                                  model=SimpleNamespace(load_state_dict=restored.append),
+                                  batch_size=32, model=SimpleNamespace(load_state_dict=restored.append),
                                   ema=SimpleNamespace(load_state_dict=restored.append))
         return s, restored
 
@@ -409,3 +416,34 @@ def test_a_tuning_step_cuts_its_learning_rate_once_after_falls():
     single._track(0.5)
     single._track(0.5)
     assert single.tuner.base_lrs == [pytest.approx(0.09)]
+
+
+def test_a_step_leaving_its_probes_head_goes_back_once_then_goes_on():
+    """While a step's first schedule has not passed the weights it started from (the probe's head), the first
+    fall goes back to them and cuts the learning rate; later falls go on from where they are (going back
+    every time restarted the recovery from the head: knee X-rays never passed it). Once past RECOVERY_EPOCHS,
+    or once a tuned checkpoint has passed the start, falls go back again."""
+    from types import SimpleNamespace
+
+    from autodl_core.stages.finetune import RECOVERY_EPOCHS, FinetuneStage, StepStart
+
+    s = FinetuneStage.__new__(FinetuneStage)
+    restored = []
+    s.start = StepStart(head=None, size=(96, 96), group="g", until=0.0, probe_score=0.37)
+    s.best_score = s.start_score = 0.375  # the start: the probe's head
+    s.best_state, s.stale_slices, s.lr_cuts, s.leaving_head, s.fit_idx = {"w": 0}, 0, 0, True, np.arange(3200)
+    s.tuner = SimpleNamespace(steps=60, schedule=SimpleNamespace(warmup_steps=10), base_lrs=[1.0], batch_size=32,
+                              model=SimpleNamespace(load_state_dict=restored.append),
+                              ema=SimpleNamespace(load_state_dict=restored.append))
+    s._track(-0.05)  # the first fall: back to the head, learning rate cut
+    assert len(restored) == 2 and s.tuner.base_lrs == [pytest.approx(0.3)]
+    s.tuner.steps = 120
+    s._track(0.19)  # still leaving the head (0.19 < 0.375, 1.2 epochs): goes on from here
+    assert len(restored) == 2 and s.tuner.base_lrs == [pytest.approx(0.3)] and s.best_state == {"w": 0}
+    s.tuner.steps = int(RECOVERY_EPOCHS * 100) + 1  # past RECOVERY_EPOCHS: back to the best weights again
+    s._track(0.30)
+    assert len(restored) == 4
+    s.tuner.steps = 20
+    s.leaving_head = False  # a later schedule (from tuned weights): back at every fall, as before
+    s._track(0.30)
+    assert len(restored) == 6

@@ -31,8 +31,9 @@ from autodl_core.tta import FlipTTA
 log = logging.getLogger("autodl_core.stages.finetune")
 
 
-# A step's fine-tuning that has not yet passed its probe's validation score is recovering, not on a plateau,
-# until this many epochs (its time share still bounds it).
+# A step's fine-tuning that has not yet passed its probe's validation score (nor the weights it started
+# from) is recovering, not on a plateau, until this many epochs (its time share still bounds it); while it
+# recovers, a fall after the first learning-rate cut goes on from where it is instead of going back.
 RECOVERY_EPOCHS = 3.0
 # A step's fine-tuning cuts its learning rate on a fall at most this often per schedule; later falls only go
 # back to the best weights. Leaving a strong probe's head dips validation more than once: on blood cells a
@@ -72,6 +73,8 @@ class FinetuneStage:
         self.tta = FlipTTA()
         self.growth = ResolutionGrowth(ctx.config)
         self.best_score, self.best_state = -np.inf, None  # the best fine-tuned weights at this resolution
+        self.start_score = -np.inf  # validation score of the weights this schedule started from
+        self.leaving_head = False  # a step's first schedule, from its probe's head (LP-FT): it may recover
         self.stale_slices = 0
         self.val_probs = None  # validation predictions of the checkpoint the next test call predicts
         self._planned_step_seconds = None
@@ -151,6 +154,7 @@ class FinetuneStage:
         for p in model.parameters():
             p.requires_grad_(True)
         self._new_tuner(model, self.tuner.base_lrs[-1] * 0.5)
+        self.leaving_head = False  # it starts from tuned weights: a fall goes back to them
         self.slice_seconds = self.ctx.config.first_slice_seconds
         self._start_schedule(until)
         log.info("fine-tuning step %s goes on until the end (a new cycle at half the learning rate)",
@@ -183,6 +187,7 @@ class FinetuneStage:
         self.fit_idx = np.flatnonzero(~data.is_val)
         self.val_idx = np.flatnonzero(data.is_val)
         self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
+        self.leaving_head = self.start is not None
         if top_mode:
             ctx.caches.train.ensure(data.images("train"), self.val_idx,
                                     deadline=ctx.planner.finetune_start_deadline(deadline))
@@ -273,10 +278,12 @@ class FinetuneStage:
         self._plan_total_steps(min(schedule_end, deadline))
         self.stale_slices = 0
         self.best_score, self.best_state, self.best_val_probs = -np.inf, None, None
+        self.start_score = -np.inf
         if len(self.val_idx):
             plain = self.predict_val(deadline - self.test_cost() - 1.0)
             if plain is not None:
                 self._track(score(self.ctx.data.train_y[self.val_idx], plain), plain)
+                self.start_score = self.best_score
 
     def _rescore_candidates_on_full_val(self, deadline: float | None = None):
         """Earlier candidates saw a prefix of the validation split; extend their val predictions to all of it
@@ -423,9 +430,8 @@ class FinetuneStage:
         if self.start is not None:  # a step of the any-time steps: the next, stronger step waits
             # ...but not before an epoch and a quarter of its schedule: the first slices are short, and two
             # of them without a clear gain ended a step after 118 steps of ~4,700 images (PneumoniaMNIST).
-            epochs = self.tuner.steps * self.tuner.batch_size / max(1, len(self.fit_idx))
-            settled = epochs >= 1.0 and self.tuner.steps >= 0.25 * self.tuner.total_steps_hint
-            if self.best_score < self.start.probe_score and epochs < RECOVERY_EPOCHS:
+            settled = self._epochs() >= 1.0 and self.tuner.steps >= 0.25 * self.tuner.total_steps_hint
+            if self._recovering():
                 # ...nor while it is still below its probe: leaving the probe's head dips validation first, and
                 # on knee X-rays (5 grades) it took ~2 epochs to pass it (0.00 -> 0.43 -> 0.56 at 96 px); the
                 # steps ended each backbone's tuning after one epoch, below its probe (ALC 0.553 -> 0.449).
@@ -433,6 +439,18 @@ class FinetuneStage:
             return stale >= patience or (stale >= min(2, patience) and settled)
         half_done = self.tuner.steps >= 0.5 * self.tuner.total_steps_hint
         return stale >= patience or (stale >= min(2, patience) and half_done)
+
+    def _epochs(self) -> float:
+        return self.tuner.steps * self.tuner.batch_size / max(1, len(self.fit_idx))
+
+    def _recovering(self) -> bool:
+        """A step's fine-tuning is still leaving its probe's head: below the probe's validation score (or not
+        yet past the weights it started from), for at most RECOVERY_EPOCHS."""
+        if self.start is None or self._epochs() >= RECOVERY_EPOCHS:
+            return False
+        if self.best_score < self.start.probe_score:
+            return True
+        return self.leaving_head and self.best_score <= self.start_score
 
     def grow_resolution(self, deadline: float) -> bool:
         """Fine-tuning has converged at this resolution: go on at a larger one from the best weights,
@@ -453,6 +471,7 @@ class FinetuneStage:
             p.requires_grad_(True)
         lr = self.tuner.base_lrs[-1] * 0.5
         self.growth.grew()
+        self.leaving_head = False
         self.size = new_size
         if ctx.top_mode:
             self._rebuild_top_caches(new_size, deadline)
@@ -482,6 +501,13 @@ class FinetuneStage:
             return
         self.stale_slices += 1
         if np.isfinite(best) and value < best - 0.02 and self.best_state is not None:
+            if self.lr_cuts >= MAX_STEP_LR_CUTS and self._recovering():
+                # Going back again would restart the recovery from the head: on knee X-rays each slice went
+                # back to the starting weights (val 0.19, 0.30, 0.35 < 0.375 at the slices' ends) and the
+                # step never passed them, where 0.1.24, back once, passed its head by step 212.
+                log.info("val NAUC fell from %.4f to %.4f while leaving the probe's head (epoch %.1f): goes on",
+                         best, value, self._epochs())
+                return
             self.tuner.model.load_state_dict(self.best_state)
             self.tuner.ema.load_state_dict(self.best_state)
             if self.start is not None and self.lr_cuts >= MAX_STEP_LR_CUTS:
