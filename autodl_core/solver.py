@@ -17,7 +17,6 @@ import time
 from typing import Callable
 
 import numpy as np
-import psutil
 import torch
 
 from autodl_core import readers
@@ -25,6 +24,7 @@ from autodl_core.caches import FeatureCaches
 from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan, plan_for
 from autodl_core.ensemble import CandidatePool
+from autodl_core.memory import process_memory_gb
 from autodl_core.planner import MIN_STEP_SECONDS, SAFETY_SECONDS, TimePlanner, min_gain  # noqa: F401 (re-exported)
 from autodl_core.run_context import RunContext, score
 from autodl_core.run_data import RunData
@@ -47,7 +47,7 @@ class Solver:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.governor = ThreadGovernor()  # threads from the load other processes put on the machine
         self.governor.reading()
-        rss_before = _rss_gb()
+        rss_before = process_memory_gb()
         net = prepare_backbone(config, metadata, device, plan)  # before the clock starts: the kit does not time it
         self.nets = {net.name: net}
         if config.uses_steps(device.type):
@@ -233,11 +233,6 @@ class Solver:
         }
 
 
-def _rss_gb() -> float:
-    """This process's resident memory (GB)."""
-    return psutil.Process().memory_info().rss / 1e9
-
-
 def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan,
                     rss_before: float | None = None) -> dict[str, Backbone]:
     """The other backbones the any-time steps may use, built and measured before the clock starts; one that
@@ -248,7 +243,7 @@ def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan
     would pass `memory_cap_gb` (`rss_before`: this process's memory before the first backbone was built).
     """
     nets = {}
-    grown = max(0.0, _rss_gb() - rss_before) if rss_before is not None else 0.0
+    grown = max(0.0, process_memory_gb() - rss_before) if rss_before is not None else 0.0
     cost = grown  # the first backbone with its engines: about what one more takes
     for name in config.step_backbone_names()[1:]:
         if rss_before is not None and grown + cost > config.memory_cap_gb:
@@ -261,6 +256,6 @@ def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan
             log.warning("step backbone %s left out: %s", name, exc)
             continue
         if rss_before is not None:
-            now = max(0.0, _rss_gb() - rss_before)
+            now = max(0.0, process_memory_gb() - rss_before)
             cost, grown = (now - grown) if now > grown else cost, now
     return nets

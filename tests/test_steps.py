@@ -269,21 +269,21 @@ def test_step_backbones_stay_within_the_memory_cap(monkeypatch):
     monkeypatch.setattr(solver_module, "prepare_backbone",
                         lambda config, metadata, device, plan, name=None: built.append(name) or name)
     readings = iter([1.6, 2.2, 2.8])  # GB: after the first backbone, then after each step backbone
-    monkeypatch.setattr(solver_module, "_rss_gb", lambda: next(readings))
+    monkeypatch.setattr(solver_module, "process_memory_gb", lambda: next(readings))
     config = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=4.0)
     nets = solver_module._step_backbones(config, None, torch.device("cpu"), None, rss_before=1.0)
     assert list(nets) == built == ["efficientnet_lite0", "efficientnet_lite2"]
 
     built.clear()
     readings = iter([1.6, 2.2])
-    monkeypatch.setattr(solver_module, "_rss_gb", lambda: next(readings))
+    monkeypatch.setattr(solver_module, "process_memory_gb", lambda: next(readings))
     small = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=1.5)
     nets = solver_module._step_backbones(small, None, torch.device("cpu"), None, rss_before=1.0)
     # 0.6 GB after the first, 0.6 more for Lite0 (1.2 <= 1.5); Lite2 would make about 1.8: left out
     assert list(nets) == built == ["efficientnet_lite0"]
 
     built.clear()
-    monkeypatch.setattr(solver_module, "_rss_gb", lambda: 1.6)
+    monkeypatch.setattr(solver_module, "process_memory_gb", lambda: 1.6)
     tiny = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=0.05)
     assert solver_module._step_backbones(tiny, None, torch.device("cpu"), None, rss_before=1.0) == {}
     assert built == []
@@ -367,10 +367,11 @@ def test_before_reading_the_data_again_the_steps_look_at_the_stored_size():
 
 def test_a_tuning_step_below_its_probe_is_recovering_not_on_a_plateau():
     """Two stale slices after an epoch end a step once it has passed its probe; below the probe it goes on
-    until RECOVERY_EPOCHS (knee X-rays passed their probe only after ~2 epochs)."""
+    until RECOVERY_EPOCHS and RECOVERY_STEPS (knee X-rays passed their probe only after ~2 epochs, 350
+    steps; three epochs of a small set are a few dozen steps)."""
     from types import SimpleNamespace
 
-    from autodl_core.stages.finetune import RECOVERY_EPOCHS, FinetuneStage, StepStart
+    from autodl_core.stages.finetune import RECOVERY_EPOCHS, RECOVERY_STEPS, FinetuneStage, StepStart
 
     stage = FinetuneStage.__new__(FinetuneStage)
     stage.ctx = SimpleNamespace(config=SimpleNamespace(patience_slices=4))
@@ -387,7 +388,9 @@ def test_a_tuning_step_below_its_probe_is_recovering_not_on_a_plateau():
     stage.leaving_head = False  # (a later schedule starts from tuned weights: no recovery)
     assert stage._converged()
     stage.leaving_head, stage.best_score = True, 0.30
-    stage.tuner.steps = int(RECOVERY_EPOCHS * 10) + 1  # ... until RECOVERY_EPOCHS
+    stage.tuner.steps = int(RECOVERY_EPOCHS * 10) + 1  # past RECOVERY_EPOCHS of a small set, not its steps
+    assert not stage._converged()
+    stage.tuner.steps = RECOVERY_STEPS  # ... until both are done
     assert stage._converged()
 
 
@@ -421,11 +424,11 @@ def test_a_tuning_step_cuts_its_learning_rate_once_after_falls():
 def test_a_step_leaving_its_probes_head_goes_back_once_then_goes_on():
     """While a step's first schedule has not passed the weights it started from (the probe's head), the first
     fall goes back to them and cuts the learning rate; later falls go on from where they are (going back
-    every time restarted the recovery from the head: knee X-rays never passed it). Once past RECOVERY_EPOCHS,
-    or once a tuned checkpoint has passed the start, falls go back again."""
+    every time restarted the recovery from the head: knee X-rays never passed it). Once past RECOVERY_EPOCHS
+    and RECOVERY_STEPS, or once a tuned checkpoint has passed the start, falls go back again."""
     from types import SimpleNamespace
 
-    from autodl_core.stages.finetune import RECOVERY_EPOCHS, FinetuneStage, StepStart
+    from autodl_core.stages.finetune import RECOVERY_EPOCHS, RECOVERY_STEPS, FinetuneStage, StepStart
 
     s = FinetuneStage.__new__(FinetuneStage)
     restored = []
@@ -440,7 +443,7 @@ def test_a_step_leaving_its_probes_head_goes_back_once_then_goes_on():
     s.tuner.steps = 120
     s._track(0.19)  # still leaving the head (0.19 < 0.375, 1.2 epochs): goes on from here
     assert len(restored) == 2 and s.tuner.base_lrs == [pytest.approx(0.3)] and s.best_state == {"w": 0}
-    s.tuner.steps = int(RECOVERY_EPOCHS * 100) + 1  # past RECOVERY_EPOCHS: back to the best weights again
+    s.tuner.steps = max(int(RECOVERY_EPOCHS * 100) + 1, RECOVERY_STEPS)  # recovered or not: back to the best again
     s._track(0.30)
     assert len(restored) == 4
     s.tuner.steps = 20

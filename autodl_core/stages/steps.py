@@ -32,6 +32,7 @@ import numpy as np
 from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
+from autodl_core.memory import process_memory_gb
 from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE, seconds_since
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.finetune import FinetuneStage, StepStart
@@ -87,8 +88,8 @@ class ProbeStep:
             ctx.use_backbone(self.net)
             ctx.caches.at(self.size)
             self._opened = True
-            log.info("step: frozen probe of %s at %s%s", self.net.name, self.size,
-                     ", then fine-tuning" if self.then_tune else "")
+            log.info("step: frozen probe of %s at %s%s (process memory %.2f GB)", self.net.name, self.size,
+                     ", then fine-tuning" if self.then_tune else "", process_memory_gb())
         caches, data = ctx.caches, ctx.data
         stop = ctx.planner.step_pass_deadline(deadline)
         if data.reread_needed(self.size) and not data.reread_at_large_size(stop) \
@@ -390,7 +391,8 @@ class StepsStage:
         self.tune = FinetuneStage(ctx, self.thumbnails, self.probe, start=start, net=probe_step.net)
         self.tunes[name] = self.tune
         self.history.append(f"tune {probe_step.group} for {until - time.monotonic():.0f}s")
-        log.info("step: fine-tuning %s for up to %.0fs", probe_step.group, until - time.monotonic())
+        log.info("step: fine-tuning %s for up to %.0fs (process memory %.2f GB)", probe_step.group,
+                 until - time.monotonic(), process_memory_gb())
         return self.tune
 
     # ------------------------------------------------------------------ what callers read
