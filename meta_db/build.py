@@ -45,6 +45,26 @@ def add_data_features(record: DatasetRecord, dataset_dir: Path, store: Store, co
         record.data_features = compute_data_features(dataset_dir, landmark_backbone)
 
 
+def register_datasets_and_pipelines(store_path, dataset_dirs, pipelines, with_data_features: bool,
+                                    landmark_backbone: str | None, log=print) -> dict:
+    """Before meta-training queues its runs: every dataset folder's record (with its data meta-features) and
+    every (name, PipelineConfig) of `pipelines` in the store; returns {dataset_id: (record, folder)}.
+    ValueError when two folders hold tasks of one name."""
+    records = {}
+    with Store(store_path) as store:
+        for d in dataset_dirs:
+            record = dataset_record(d)
+            if record.dataset_id in records:
+                raise ValueError(f"two dataset folders hold tasks named {record.dataset_id!r}: "
+                                 f"{records[record.dataset_id][1]} and {d}")
+            add_data_features(record, d, store, with_data_features, landmark_backbone, log)
+            store.upsert_dataset(record)
+            records[record.dataset_id] = (record, d)
+        for name, config in pipelines:
+            store.upsert_pipeline(config, name=name)
+    return records
+
+
 def compute_data_features(dataset_dir: Path, landmark_backbone: str | None = None) -> dict:
     import torch  # noqa: F401  (torch, then dynamo/triton, before TensorFlow: see the notes on triton)
 
@@ -148,6 +168,67 @@ def import_bench_rows(rows, store_path, hardware: dict, background_limit: float,
             imported += 1
             log(f"[import] {what}: {name} ALC {row.get('alc'):.4f}")
     return imported
+
+
+def corpus_dataset_record(dataset_id: str, folder: Path) -> DatasetRecord | None:
+    """The store's record of a corpus data.npz folder (a run played in-process, not through an AutoDL
+    folder), or None when the folder holds no data.npz."""
+    if not (folder / "data.npz").is_file():
+        return None
+    from autodl_core.arrays import ArrayMetadata
+    from autodl_data.corpus_npz import corpus_origin, load_corpus_npz
+    from meta_db.metafeatures import metadata_features
+    from meta_db.sources import corpus_reference
+
+    train, _, info = load_corpus_npz(folder)
+    return DatasetRecord(dataset_id=dataset_id, name=dataset_id, parent_id=None, family_id=dataset_id,
+                         derivation=None, source=corpus_reference(corpus_origin(info, folder.name)),
+                         metadata_features=metadata_features(ArrayMetadata(train, info["name"])))
+
+
+def import_npz_rows(rows, store_path, pipeline_of, seed: int = 0, code_version: str | None = None,
+                    log=print) -> int:
+    """Store the GPU rows of `tools bench-npz` results as runs of the stratum (T, `cuda-<gpu name>`), marked
+    `tf_mode = "npz"`; returns how many were stored. `pipeline_of(row)`: the PipelineConfig the row ran, or
+    None (the bench's own pipeline names are the caller's). CPU rows are skipped: the CPU strata learn from
+    kit runs only. A row's dataset is the stored one of its name, else built from its `dataset_dir`."""
+    from meta_db.metafeatures import hardware_key
+    from meta_db.portfolio import name_of
+
+    stored = 0
+    with Store(store_path) as store:
+        for row in rows:
+            what = f"{row.get('pipeline')} on {row.get('dataset')}"
+            device = row.get("device") or "cpu"
+            if device == "cpu":
+                log(f"[import-npz] skip {what}: measured on a CPU (CPU strata learn from kit runs)")
+                continue
+            config = pipeline_of(row)
+            if config is None:
+                log(f"[import-npz] skip {what}: its pipeline is not recorded")
+                continue
+            record = store.get_dataset(row["dataset"])
+            if record is None:
+                record = corpus_dataset_record(row["dataset"], Path(row.get("dataset_dir") or ""))
+            if record is None:
+                log(f"[import-npz] skip {what}: dataset not in the store and no data.npz folder recorded")
+                continue
+            store.upsert_dataset(record)
+            pipeline_id = config.pipeline_id()
+            store.upsert_pipeline(config, name=name_of(pipeline_id) or f"npz:{row['pipeline']}")
+            hardware = hardware_key("cuda", 0, device)
+            store.record_run(RunRecord(
+                dataset_id=record.dataset_id, pipeline_id=pipeline_id, time_budget=float(row["time_budget"]),
+                hardware=hardware, status=str(row.get("status") or "unknown"), alc=row.get("alc"),
+                final_nauc=row.get("final_nauc"), n_predictions=row.get("n_predictions"),
+                timestamps=list(row.get("timestamps") or []), scores=list(row.get("naucs") or []),
+                time_to_first_prediction=row.get("first_prediction_s"), init_seconds=row.get("init_s"),
+                error=row.get("error"), seed=int(seed), tf_mode="npz",
+                code_version=row.get("code_version") or code_version,
+                hardware_info={"kind": "cuda", "gpu": device, "key": hardware}, study="bench-npz",
+                worker=row.get("pipeline")))
+            stored += 1
+    return stored
 
 
 # ---------------------------------------------------------------------- pipelines

@@ -17,7 +17,7 @@ import numpy as np
 
 from autodl_core.config import PipelineConfig
 from meta_db.metafeatures import current_device_kind, zero_shot_vector
-from meta_db.portfolio import portfolio_ids
+from meta_db.portfolio import live_pipelines
 from meta_db.store import Store
 
 ENV_BUDGET = "AUTODL_TIME_BUDGET"
@@ -185,8 +185,7 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
     with Store(store_path, readonly=True) as store:
         rows = store.cell_means(machine_instance)
         datasets = {d.dataset_id: d for d in store.datasets()}
-        pipelines = store.pipelines()
-        retired = store.retired_pipelines()  # dropped from the portfolio in use: never chosen
+        live = live_pipelines(store.pipelines_in_use(), backbone_ok)
     strata: dict = {}
     for r in rows:
         strata[(r.time_budget, r.hardware)] = strata.get((r.time_budget, r.hardware), 0) + r.n
@@ -196,19 +195,8 @@ def load_knowledge(store_path: str | os.PathLike, time_budget: float | None = No
         target = time_budget if time_budget is not None else expected_time_budget()
         pool = {s: n for s, n in strata.items() if hardware is None or s[1] == hardware}
         stratum = choose_stratum(pool, device_kind or current_device_kind(), float(target))
-    configs, names = {}, {}
-    current_names = {pipeline_id: name for name, pipeline_id in portfolio_ids().items()}
-    for pipeline_id, name, raw in pipelines:
-        if pipeline_id in retired:
-            continue
-        try:
-            config = PipelineConfig.from_record(raw)
-        except (TypeError, ValueError):
-            continue  # written by another code version: cannot be run by this one
-        if backbone_ok is not None and not backbone_ok(config.backbone):
-            continue
-        configs[pipeline_id] = config
-        names[pipeline_id] = current_names.get(pipeline_id, name)  # portfolio names outlive renames
+    configs = {pipeline_id: config for pipeline_id, (_, config) in live.items()}
+    names = {pipeline_id: name for pipeline_id, (name, _) in live.items()}
     cells = {}
     for r in rows:
         if stratum is not None and (r.time_budget, r.hardware) == stratum \

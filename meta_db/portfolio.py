@@ -93,6 +93,30 @@ def known_members() -> dict[str, PipelineConfig]:
     return {**PORTFOLIO, **TRIED}
 
 
+def live_pipelines(in_use: list[tuple[str, str | None, dict]], backbone_ok=None) -> dict[str, tuple[str, PipelineConfig]]:
+    """The pipelines the selector may choose, {pipeline_id: (name, config)}: the one place that says which are live.
+
+    A pipeline is live when
+      1. the store holds it with runs in use (`Store.pipelines_in_use`: not retired with `tools meta-train
+         --retire-pipeline`, measured by a code version in use): pass that list as `in_use`;
+      2. this code can read its record (a record of another code version cannot be run by this one);
+      3. its backbone runs here (`backbone_ok(name)`: registered, weights found; None: every backbone).
+    PORTFOLIO and TRIED only say what meta-training measures; a member that was never measured is not live,
+    and one measured and retired stays on record but is not. Names: today's portfolio name where the id is
+    a member's (names outlive renames), else the name the store recorded."""
+    current_names = {pipeline_id: name for name, pipeline_id in portfolio_ids().items()}
+    live = {}
+    for pipeline_id, name, raw in in_use:
+        try:
+            config = PipelineConfig.from_record(raw)
+        except (TypeError, ValueError):
+            continue
+        if backbone_ok is not None and not backbone_ok(config.backbone):
+            continue
+        live[pipeline_id] = (current_names.get(pipeline_id, name), config)
+    return live
+
+
 def portfolio_ids() -> dict[str, str]:
     """{name: pipeline_id}."""
     return {name: config.pipeline_id() for name, config in PORTFOLIO.items()}

@@ -72,6 +72,19 @@ def test_local_bench_runs_resumes_and_skips_kit(tmp_path, dataset):
     assert any("already in results.jsonl" in m for m in messages)
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
 
+    # a disturbed row (a neighbour used the machine) is run again only when asked; the new row replaces it
+    disturbed = {**json.loads(lines[0]), "background_cpu": 0.3}
+    (out / "results.jsonl").write_text(json.dumps(disturbed) + "\n")
+    assert len(bench.run_bench(solvers, [dataset], 30, out, judge="local", kit_run=None, kit_git=None,
+                               log=messages.append)) == 1
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    rerun = bench.run_bench(solvers, [dataset], 30, out, judge="local", kit_run=None, kit_git=None,
+                            rerun_disturbed=True, log=messages.append)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert len(rerun) == 1 and rerun[0]["background_cpu"] < 0.3
+    rows = rerun
+    row = rows[0]
+
     names = [s.name for s in solvers]
     md = bench.markdown_tables(rows, names, [row["dataset"]], 30, "local")
     assert f"| {row['dataset']} | {row['alc']:.4f} | - |" in md

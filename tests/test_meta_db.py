@@ -852,3 +852,45 @@ def test_list_portfolio_marks_retired_pipelines(tmp_path, capsys):
     assert "(retired)" not in lines["default"]
     assert main(["meta-train", "--list-portfolio", "--store", str(tmp_path / "none.sqlite")]) == 0  # no store: none
     assert "(retired)" not in capsys.readouterr().out
+
+
+def test_pipeline_fields_belong_to_stages_and_a_member_reads_as_what_it_changes():
+    """Every field names its stage; the fields a run can still change after its probe are exactly the ones
+    the second look (meta_db/second_choice.py) was built on; a member's changes are grouped by stage."""
+    from dataclasses import fields
+
+    from autodl_core.config import FINETUNE_FIELDS, STAGES, PipelineConfig, fields_of
+    from meta_db.portfolio import PORTFOLIO
+
+    named = [f.name for f in fields(PipelineConfig) if f.name != "extra"]
+    assert sorted(n for stage in STAGES for n in fields_of(stage)) == sorted(named)
+    assert FINETUNE_FIELDS == {
+        "finetune_resolution", "lr", "top_lr", "top_dropout", "batch_size", "weight_decay", "ema_decay",
+        "label_smoothing", "augment_flip", "augment_shift", "slice_growth", "first_slice_seconds",
+        "patience_slices", "max_epochs_without_val", "flip_tta", "resolution_growth", "max_resolution_growths",
+        "val_noise_z", "step_backbones", "max_step_side", "group_validation"}
+    assert PipelineConfig().changes() == {} and PipelineConfig().describe() == "defaults"
+    f96 = PORTFOLIO["mnv2-top-f96"].changes()
+    assert f96["probe"] == {"strategy": "finetune_top"}
+    assert f96["finetune"] == {"finetune_resolution": 96, "batch_size": 32}
+    assert f96["steps"]["anytime_steps"] is False
+    assert list(f96) == [s for s in STAGES if s in f96]  # in run order
+    assert PORTFOLIO["mnv2-probe"].describe(PORTFOLIO["mnv2-top-lr2"]) == "probe: strategy=probe"
+    with pytest.raises(ValueError, match="unknown stage"):
+        fields_of("training")
+
+
+def test_live_pipelines_are_in_use_readable_and_runnable_here():
+    """The one rule the selector and the packager share: the store's pipelines in use, readable by this code,
+    with a backbone that runs here (named as today's portfolio names them)."""
+    from meta_db.portfolio import PORTFOLIO, live_pipelines
+
+    f96 = PORTFOLIO["mnv2-top-f96"]
+    lite0 = PORTFOLIO["lite0-top-f128"]
+    in_use = [(f96.pipeline_id(), "old name", f96.to_dict()), (lite0.pipeline_id(), None, lite0.to_dict()),
+              ("future", "from a later version", {"no_such_field": 1})]
+    live = live_pipelines(in_use)
+    assert list(live) == [f96.pipeline_id(), lite0.pipeline_id()]
+    assert live[f96.pipeline_id()] == ("mnv2-top-f96", f96)
+    only_mnv2 = live_pipelines(in_use, backbone_ok=lambda name: name == "mobilenetv2_100")
+    assert list(only_mnv2) == [f96.pipeline_id()]

@@ -187,8 +187,10 @@ def _hardware() -> str:
 
 def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: float, out_dir: Path,
               judge: str = "kit", tf_mode: str = "graph", kit_run: str | None = None, kit_git: str | None = None,
-              log=print) -> list[dict]:
-    """Run what is missing from OUT/results.jsonl, sequentially; return the rows of this configuration."""
+              rerun_disturbed: bool = False, log=print) -> list[dict]:
+    """Run what is missing from OUT/results.jsonl, sequentially; return the rows of this configuration.
+    `rerun_disturbed`: a row whose latest run saw other processes use more than BACKGROUND_LIMIT of the
+    machine counts as missing (the new row replaces it in the tables; the old one stays in the file)."""
     from autodl_data.autodl_format import find_task
     from meta_db.metafeatures import machine_instance
 
@@ -207,7 +209,9 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
     # a judge that crashed (no summary) is retried; any other outcome, even a failed run, is a result
-    done = {row_key(r) for r in load_results(results_path) if r.get("status") != "judge_failed"}
+    latest_rows = {row_key(r): r for r in load_results(results_path)}
+    done = {key for key, r in latest_rows.items() if r.get("status") != "judge_failed"
+            and not (rerun_disturbed and (r.get("background_cpu") or 0) > BACKGROUND_LIMIT)}
     kit_problem = kit_available(kit_run, kit_git)
     hardware = _hardware()
     instance = machine_instance()  # which boot of which machine: measuring batches can differ (meta_db/batches.py)
@@ -328,7 +332,7 @@ def plot_alc_bars(rows: list[dict], solvers: list[str], datasets: list[str], pat
 def _cli(args) -> int:
     solvers = parse_solvers(args.solvers, Path(args.ours_dir))
     rows = run_bench(solvers, [Path(d) for d in args.datasets], args.time_budget, Path(args.out), judge=args.judge,
-                     tf_mode=args.tf_mode, kit_run=args.kit_run, kit_git=args.kit)
+                     tf_mode=args.tf_mode, kit_run=args.kit_run, kit_git=args.kit, rerun_disturbed=args.rerun_disturbed)
     from autodl_data.autodl_format import find_task
 
     datasets = [find_task(d).name for d in args.datasets]
@@ -361,4 +365,7 @@ def register(subparsers) -> None:
     parser.add_argument("--kit", default=os.environ.get("AUTODL_KIT_GIT"),
                         help="starting-kit git dir (default $AUTODL_KIT_GIT)")
     parser.add_argument("--ours-dir", default=str(REPO_ROOT), help="folder of `ours` model.py (default: repo root)")
+    parser.add_argument("--rerun-disturbed", action="store_true",
+                        help="run again the rows whose run saw other processes use more than "
+                             f"{BACKGROUND_LIMIT:.0%} of the machine (the new row replaces them in the tables)")
     parser.set_defaults(func=_cli)

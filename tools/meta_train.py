@@ -75,7 +75,7 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
     study into the store. `pipelines`: [(name, PipelineConfig)]. Returns counts and the study status."""
     import math
 
-    from meta_db.build import add_data_features, dataset_record
+    from meta_db.build import register_datasets_and_pipelines
     from meta_db.metafeatures import hardware_profile
     from meta_db.store import Store, task_key
 
@@ -92,18 +92,11 @@ def meta_train(dataset_dirs, pipelines, time_budget: float, store_path, out_dir=
     storage_url = storage_url or default_storage_url(out_dir)
     dirs = expand_dataset_dirs(dataset_dirs)
     hardware = hardware or hardware_profile()
-    records = {}
-    with Store(store_path) as store:
-        for d in dirs:
-            record = dataset_record(d)
-            if record.dataset_id in records:
-                raise UserInputError(f"two dataset folders hold tasks named {record.dataset_id!r}: "
-                                     f"{records[record.dataset_id][1]} and {d}")
-            add_data_features(record, d, store, with_data_features, landmark_backbone, log)
-            store.upsert_dataset(record)
-            records[record.dataset_id] = (record, d)
-        for name, config in pipelines:
-            store.upsert_pipeline(config, name=name)
+    try:
+        records = register_datasets_and_pipelines(store_path, dirs, pipelines, with_data_features,
+                                                  landmark_backbone, log)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     tasks = [Task(dataset_id=dataset_id, pipeline_id=config.pipeline_id(), pipeline_name=name,
                   config=config.to_dict(), time_budget=float(time_budget), seed=int(seed), tf_mode=tf_mode,
                   init_limit=float(init_limit), dataset=record.__dict__.copy())
@@ -195,8 +188,9 @@ def _pipelines_from_args(specs, store_path):
 
 
 def list_portfolio(store_path, log=print) -> int:
-    """`--list-portfolio`: id and name of each portfolio pipeline, "(retired)" where the store retired it
-    (the selector no longer chooses it; `--restore-pipeline` undoes that)."""
+    """`--list-portfolio`: id, name and what it changes against today's defaults (by stage) of each portfolio
+    pipeline, "(retired)" where the store retired it (the selector no longer chooses it; `--restore-pipeline`
+    undoes that)."""
     import sqlite3
 
     from meta_db.portfolio import PORTFOLIO
@@ -214,7 +208,7 @@ def list_portfolio(store_path, log=print) -> int:
         reason = retired.get(pipeline_id, "")
         reason = reason if len(reason) <= 80 else reason[:77].rstrip() + "..."
         mark = f"  (retired) {reason}" if pipeline_id in retired else ""
-        log(f"{pipeline_id}  {name}{mark}".rstrip())
+        log(f"{pipeline_id}  {name:<16} {config.describe()}{mark}".rstrip())
     return 0
 
 

@@ -108,9 +108,9 @@ def backbones_needed(store_path: str | os.PathLike | None = None) -> list[str]:
 def _store_backbones(store_path: str | os.PathLike | None) -> list[str]:
     """Backbones the pipelines in use in the meta-knowledge store run ([] when there is no store).
 
-    In use: not retired, with measured runs of a code version in use (``Store.pipelines_in_use``), as
-    the selector reads them; each as model.py runs it, i.e. as the first of the any-time steps, so the
-    steps' backbones count too. A record this code cannot parse is skipped, as the selector skips it.
+    The live pipelines (``meta_db.portfolio.live_pipelines``, every backbone allowed: the zip is what makes
+    them runnable), each as model.py runs it, i.e. as the first of the any-time steps, so the steps'
+    backbones count too.
     """
     try:
         from meta_db.store import DEFAULT_STORE_PATH, Store
@@ -118,21 +118,14 @@ def _store_backbones(store_path: str | os.PathLike | None) -> list[str]:
         if error.name not in ("meta_db.store",):
             raise
         return []
-    from autodl_core.config import PipelineConfig
+    from meta_db.portfolio import live_pipelines
 
     path = Path(store_path) if store_path is not None else Path(DEFAULT_STORE_PATH)
     if not path.is_file():
         return []
     with Store(path, readonly=True) as store:
-        in_use = store.pipelines_in_use()
-    names = []
-    for _, _, raw in in_use:
-        try:
-            config = PipelineConfig.from_record(raw)
-        except (TypeError, ValueError):
-            continue  # written by another code version: the selector cannot choose it
-        names.extend(config.as_steps().step_backbone_names())
-    return names
+        live = live_pipelines(store.pipelines_in_use())
+    return [name for _, config in live.values() for name in config.as_steps().step_backbone_names()]
 
 
 def _skipped(relative: Path) -> bool:
