@@ -450,3 +450,25 @@ def test_a_step_leaving_its_probes_head_goes_back_once_then_goes_on():
     s.leaving_head = False  # a later schedule (from tuned weights): back at every fall, as before
     s._track(0.30)
     assert len(restored) == 6
+
+
+def test_a_step_out_of_patience_ends_the_step_not_the_run():
+    """No validation gain for `patience_slices` slices ends a step (the steps stage goes on with a stronger
+    one or the best one); only the single fine-tuning stage ends the run there."""
+    from types import SimpleNamespace
+
+    from autodl_core.stages.finetune import FinetuneStage, StepStart
+
+    def stage(start):
+        s = FinetuneStage.__new__(FinetuneStage)
+        s.ctx = SimpleNamespace(done_training=False, predictions=SimpleNamespace(nothing_new=lambda: None))
+        s.start, s.stale_slices, s.finished = start, 4, False
+        s.tuner = SimpleNamespace(steps=250)
+        return s
+
+    step = stage(StepStart(head=None, size=(160, 160), group="g", until=0.0, probe_score=0.54))
+    step._out_of_patience()
+    assert step.finished and not step.ctx.done_training
+    single = stage(None)
+    single._out_of_patience()
+    assert single.ctx.done_training and not single.finished
