@@ -35,8 +35,9 @@ log = logging.getLogger("autodl_core.stages.finetune")
 # from) is recovering, not on a plateau, until this many epochs and this many optimiser steps (its time
 # share still bounds it); while it recovers, a fall after the first learning-rate cut goes on from where it
 # is instead of going back. Steps as well as epochs: leaving the head took 200-350 steps on knee X-rays
-# (5,400 examples: 1-2 epochs) and on blood cells, and three epochs of BreastMNIST's 490 are 46 steps:
-# its EfficientNet steps went back to their heads twice and ended on a plateau below them by step 120.
+# (3,585 examples fitted: 2-3 epochs) and on blood cells, and three epochs of BreastMNIST's 560 are about
+# 50 steps: its EfficientNet steps went back to their heads twice and ended on a plateau below them by
+# step 120.
 RECOVERY_EPOCHS = 3.0
 RECOVERY_STEPS = 400
 # A step's fine-tuning cuts its learning rate on a fall at most this often per schedule; later falls only go
