@@ -93,6 +93,16 @@ def test_case_registry_is_consistent():
         suite.select_cases(["nope"])
 
 
+def test_a_missing_corpus_is_reported_before_the_first_case(tmp_path):
+    """The real dataset the selected cases need is looked for before any case runs."""
+    with pytest.raises(UserInputError, match="cifar10 not found in the corpus"):
+        suite.check_sources({"cifar10"}, tmp_path / "data", None, tmp_path / "no-corpus")
+    suite.check_sources({"one_example_classes"}, tmp_path / "data", None, tmp_path / "no-corpus")
+    suite.check_sources({"cifar10"}, tmp_path / "data", tmp_path / "converted", tmp_path / "no-corpus")
+    (tmp_path / "corpus" / "cifar10").mkdir(parents=True)
+    suite.check_sources({"cifar10"}, tmp_path / "data", None, tmp_path / "corpus")
+
+
 # ------------------------------------------------------------------ builders
 def test_one_example_classes_and_absent_classes_builders(tmp_path):
     one = find_task(kit_cases.build_one_example_classes(tmp_path, "one"))

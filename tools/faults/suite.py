@@ -38,14 +38,23 @@ def dataset_dir(key: str, data_root: Path, cifar10: Path | None, corpus: Path) -
         return target
     if key == "cifar10":
         source = corpus / "cifar10"
-        if not source.is_dir():
-            raise UserInputError(f"cifar10 not found in the corpus ({source}); pass --cifar10 or --corpus")
+        check_sources([key], data_root, cifar10, corpus)
         print(f"[faults] converting {source} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "tools", "convert", str(source), "--out", str(data_root),
                         "--name", "cifar10", "-q", "--overwrite"], check=True, cwd=REPO_ROOT)
         return target
     print(f"[faults] building {key} ...", file=sys.stderr)
     return kit_cases.DATASETS[key](data_root, key)
+
+
+def check_sources(keys, data_root: Path, cifar10: Path | None, corpus: Path) -> None:
+    """Fail before the first case when a real dataset the selected cases need can be found nowhere: the
+    suite reached its first cifar10 case after twelve minutes of other cases, run from a git worktree
+    where the default `--corpus` (../shared/datasets) does not exist."""
+    if "cifar10" in keys and cifar10 is None and not (data_root / "cifar10" / "cifar10.solution").is_file():
+        source = corpus / "cifar10"
+        if not source.is_dir():
+            raise UserInputError(f"cifar10 not found in the corpus ({source}); pass --cifar10 or --corpus")
 
 
 # ------------------------------------------------------------------ kit cases
@@ -238,6 +247,7 @@ def run_suite(out: Path, names: list[str] | None, kit: bool, tools: bool, cifar1
         problem = kit_available(kit_run, kit_git)
         if problem:
             raise UserInputError(problem)
+        check_sources({c.dataset for c in selected_kit if c.name not in done}, out / "data", cifar10, corpus)
     code = stage_code(out) if selected_kit else None
     with open(results, "a") as sink:
         for case in selected_tools:
