@@ -209,8 +209,8 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS_FILE
     # a judge that crashed (no summary) is retried; any other outcome, even a failed run, is a result
-    latest_rows = {row_key(r): r for r in load_results(results_path)}
-    done = {key for key, r in latest_rows.items() if r.get("status") != "judge_failed"
+    done = {key for key, r in latest_by_key(load_results(results_path)).items()
+            if r.get("status") != "judge_failed"
             and not (rerun_disturbed and (r.get("background_cpu") or 0) > BACKGROUND_LIMIT)}
     kit_problem = kit_available(kit_run, kit_git)
     hardware = _hardware()
@@ -252,13 +252,17 @@ def run_bench(solvers: list[Solver], dataset_dirs: list[Path], time_budget: floa
                 f"wall={row['wall_time']:.0f}s")
     wanted_solvers = {s.name for s in solvers}
     wanted_datasets = set(names)
-    latest = {}  # the last row of each key wins (a retried judge failure replaces the failure)
-    for r in load_results(results_path):
+    return list(latest_by_key(
+        r for r in load_results(results_path)
         if (r["solver"] in wanted_solvers and r["dataset"] in wanted_datasets
-                and float(r["time_budget"]) == float(time_budget) and r.get("tf_mode", "graph") == tf_mode
-                and (r["judge"] == judge or (r["judge"] == "kit" and r["solver"].startswith("kit:")))):
-            latest[row_key(r)] = r
-    return list(latest.values())
+            and float(r["time_budget"]) == float(time_budget) and r.get("tf_mode", "graph") == tf_mode
+            and (r["judge"] == judge or (r["judge"] == "kit" and r["solver"].startswith("kit:"))))).values())
+
+
+def latest_by_key(rows) -> dict:
+    """{row_key: row}, the last row of each key winning: a rerun (a retried judge failure, a run repeated
+    with --rerun-disturbed) replaces the earlier row."""
+    return {row_key(r): r for r in rows}
 
 
 def _cell(value, fmt: str) -> str:
