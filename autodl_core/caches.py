@@ -51,6 +51,13 @@ class FeatureCaches:
             setattr(self, name, cache)
         return cache
 
+    def nbytes(self) -> int:
+        """What the caches hold (activations and pooled features)."""
+        held = sum(cache.store.numel() * cache.store.element_size() for cache in
+                   (self.train, self.test, self.val_flip, self.test_flip) if cache is not None and cache.store is not None)
+        return held + sum(t.numel() * t.element_size() for t in (self.train_features, self.test_features)
+                          if t is not None)
+
     def drop_flipped(self):
         self.val_flip = self.test_flip = None
 

@@ -1,10 +1,78 @@
-"""What this process holds in memory: the solver's memory cap is checked against it (the step backbones
-built in `__init__`) and the steps log it as each one starts (where a run's peak comes from)."""
+"""What the solver holds in memory, against its cap (`PipelineConfig.memory_cap_gb`).
+
+The cap counts everything the solver adds to its process from the moment it starts: the backbones with
+their compiled inference engines, the stored images, the trunk-activation caches of the any-time steps
+and what training them takes. What the process held before (the interpreter, TensorFlow, torch and the
+engines' libraries, the caller's own data: ~1.4 GB in the kit's process) is the base, outside the cap.
+
+Memory is measured (this process's resident set), not predicted: a backbone's engines take what their
+compiler takes. Freed memory is handed back to the system where the C library can (glibc's
+`malloc_trim`): warming up three backbones left ~1 GB of freed scratch in the heap on a 2-core EPYC,
+counted in the resident set and so in the cap, until trimmed.
+"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import logging
+
 import psutil
+
+log = logging.getLogger("autodl_core.memory")
 
 
 def process_memory_gb() -> float:
     """This process's resident memory (GB)."""
     return psutil.Process().memory_info().rss / 1e9
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        name = ctypes.util.find_library("c")
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> bool:
+    """Collect Python's garbage and hand the heap's free pages back to the system; whether it could."""
+    gc.collect()
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
+
+
+class MemoryBudget:
+    """The solver's memory cap as a budget: what it holds is the process's memory now less the base
+    (the process's memory when the solver started)."""
+
+    def __init__(self, cap_gb: float, base_gb: float | None = None):
+        self.cap_gb = float(cap_gb)
+        self.base_gb = process_memory_gb() if base_gb is None else float(base_gb)
+        self.peak_held_gb = 0.0
+
+    def held_gb(self) -> float:
+        held = max(0.0, process_memory_gb() - self.base_gb)
+        self.peak_held_gb = max(self.peak_held_gb, held)
+        return held
+
+    def left_gb(self) -> float:
+        """What the cap leaves (negative when the solver already holds more)."""
+        return self.cap_gb - self.held_gb()
+
+    def fits(self, more_gb: float, freed_gb: float = 0.0) -> bool:
+        """Whether holding `more_gb` more, after letting go of `freed_gb`, stays within the cap."""
+        return self.held_gb() - max(0.0, freed_gb) + max(0.0, more_gb) <= self.cap_gb
+
+    def line(self) -> str:
+        """For logs: held and cap."""
+        return f"solver holds {self.held_gb():.2f} GB of its {self.cap_gb:.2f} GB cap"

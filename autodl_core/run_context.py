@@ -13,6 +13,7 @@ from autodl_core.caches import FeatureCaches
 from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan
 from autodl_core.ensemble import CandidatePool
+from autodl_core.memory import MemoryBudget
 from autodl_core.metrics import nauc
 from autodl_core.planner import TimePlanner
 from autodl_core.run_data import RunData
@@ -64,6 +65,7 @@ class RunContext:
     predictions: Predictions = field(default_factory=Predictions)
     done_training: bool = False
     best_val_score: float = -np.inf  # the validation score of what was last predicted
+    memory: MemoryBudget | None = None  # the memory cap, as what the solver holds against it
 
     def use_backbone(self, net: Backbone):
         """Frozen passes from now on through `net` (the any-time steps move between backbones): its caches

@@ -17,6 +17,7 @@ from autodl_core import readers
 from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan
 from autodl_core.images import Preprocessor
+from autodl_core.memory import MemoryBudget
 from autodl_core.planner import PEEK_SECONDS, TimePlanner, in_seconds, seconds_since
 from autodl_core.profile import DataProfile, choose_storage_shape
 
@@ -25,8 +26,11 @@ log = logging.getLogger("autodl_core.run_data")
 
 class RunData:
     def __init__(self, metadata, config: PipelineConfig, device: torch.device, planner: TimePlanner,
-                 mean, std, plan: DevicePlan):
+                 mean, std, plan: DevicePlan, memory: MemoryBudget | None = None):
         self.metadata, self.config, self.device, self.planner = metadata, config, device, planner
+        # The stored images share the memory cap with what the solver already holds (its backbones with
+        # their engines): they are bounded by what the cap leaves when the data is first seen.
+        self.memory = memory
         self.mean, self.std = mean, std
         self.plan = plan
         self.n_classes = int(metadata.get_output_size())
@@ -54,16 +58,22 @@ class RunData:
             # needs it. The first stages read at the small size: images stored at 384 px were read 3x
             # slower and put the first predictions off by seconds (Oxford flowers: -0.019 ALC).
             max_side = int(round(self.config.max_step_side * 4 / 3))
-            self.large_storage_hw = choose_storage_shape(self.profile, max_side, self.config.memory_cap_gb,
+            self.large_storage_hw = choose_storage_shape(self.profile, max_side, self.images_memory_gb(),
                                                          shrink_to_fit=True)
         self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
-                                                       self.config.memory_cap_gb)
+                                                       self.images_memory_gb())
         self.value_offset, self.value_scale = readers.value_transform(peek.value_min, peek.value_max)
         self.preprocess = Preprocessor(self.mean, self.std, pixel_max=255.0, device=self.device)
         if read_train:
             self.train_reader = readers.ChunkReader(dataset, self.profile.storage_hw, self.value_offset,
                                                      self.value_scale, batch_size=self.read_batch())
         log.info("profile: %s", self.profile)
+
+    def images_memory_gb(self) -> float:
+        """The memory the stored images may take: what the cap leaves beside what the solver holds (never
+        below a tenth of the cap: choose_storage_shape's floors keep a usable set even then)."""
+        cap = self.config.memory_cap_gb
+        return cap if self.memory is None else max(0.1 * cap, self.memory.left_gb())
 
     def read_batch(self) -> int:
         """Examples per read batch: 64 for images up to 256 x 256, fewer for larger ones, so that a batch

@@ -24,7 +24,7 @@ from autodl_core.caches import FeatureCaches
 from autodl_core.config import PipelineConfig
 from autodl_core.device_plan import DevicePlan, plan_for
 from autodl_core.ensemble import CandidatePool
-from autodl_core.memory import process_memory_gb
+from autodl_core.memory import MemoryBudget, release_freed_memory
 from autodl_core.planner import MIN_STEP_SECONDS, SAFETY_SECONDS, TimePlanner, min_gain  # noqa: F401 (re-exported)
 from autodl_core.run_context import RunContext, score
 from autodl_core.run_data import RunData
@@ -47,17 +47,19 @@ class Solver:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.governor = ThreadGovernor()  # threads from the load other processes put on the machine
         self.governor.reading()
-        rss_before = process_memory_gb()
+        memory = MemoryBudget(config.memory_cap_gb)  # the cap counts all the solver adds from here on
         net = prepare_backbone(config, metadata, device, plan)  # before the clock starts: the kit does not time it
+        release_freed_memory()  # the warm-up's scratch, freed but still counted in the process's memory
         self.nets = {net.name: net}
         if config.uses_steps(device.type):
-            self.nets.update(_step_backbones(config, metadata, device, plan, rss_before))
+            self.nets.update(_step_backbones(config, metadata, device, plan, memory))
+        log.info("backbones %s ready: %s", ", ".join(self.nets), memory.line())
         planner = TimePlanner(net.rate)
-        data = RunData(metadata, config, device, planner, net.mean, net.std, plan)
+        data = RunData(metadata, config, device, planner, net.mean, net.std, plan, memory=memory)
         self.ctx = RunContext(config, metadata, device, plan, net, planner, data, FeatureCaches(net, data, plan, device),
                               CandidatePool(score, max_checkpoints=config.ensemble_checkpoints,
                                             single_noise_z=config.val_noise_z if config.uses_steps(device.type)
-                                            else None))
+                                            else None), memory=memory)
         self.thumbnails = ThumbnailStage(self.ctx)
         self.probe = ProbeStage(self.ctx, self.thumbnails)
         if config.uses_steps(device.type):
@@ -234,28 +236,29 @@ class Solver:
 
 
 def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan,
-                    rss_before: float | None = None) -> dict[str, Backbone]:
+                    memory: MemoryBudget | None = None) -> dict[str, Backbone]:
     """The other backbones the any-time steps may use, built and measured before the clock starts; one that
     cannot be loaded (weights not installed) is left out, saying why.
 
-    Each backbone with its inference engines holds memory (the three of them ~1.5-2 GB on a 2-core EPYC
-    with OpenVINO): one is left out when what the backbones built so far hold, plus what the last one took,
-    would pass `memory_cap_gb` (`rss_before`: this process's memory before the first backbone was built).
+    Each backbone with its inference engines holds memory (0.45-0.5 GB each on a 2-core EPYC with
+    OpenVINO, once the warm-up's freed scratch is handed back): one is left out when what the solver holds
+    so far, plus what the last backbone took, would pass the memory cap (`memory`).
     """
     nets = {}
-    grown = max(0.0, process_memory_gb() - rss_before) if rss_before is not None else 0.0
+    grown = memory.held_gb() if memory is not None else 0.0
     cost = grown  # the first backbone with its engines: about what one more takes
     for name in config.step_backbone_names()[1:]:
-        if rss_before is not None and grown + cost > config.memory_cap_gb:
+        if memory is not None and grown + cost > memory.cap_gb:
             log.info("step backbone %s left out: the backbones built hold %.2f GB and one more takes about %.2f GB, "
-                     "beyond the memory cap of %.2f GB", name, grown, cost, config.memory_cap_gb)
+                     "beyond the memory cap of %.2f GB", name, grown, cost, memory.cap_gb)
             continue
         try:
             nets[name] = prepare_backbone(config, metadata, device, plan, name=name)
         except Exception as exc:  # missing weight package, unknown name: the steps go on without it
             log.warning("step backbone %s left out: %s", name, exc)
             continue
-        if rss_before is not None:
-            now = max(0.0, process_memory_gb() - rss_before)
+        release_freed_memory()
+        if memory is not None:
+            now = memory.held_gb()
             cost, grown = (now - grown) if now > grown else cost, now
     return nets

@@ -50,6 +50,17 @@ class Backbone:
     # Images/s of a training step of the top (CPU recipe, batch 32) by working side, measured at two sides:
     # per pixel it is faster at larger sides (MobileNetV2: 528 img/s at 64 px, 88 at 224, not 44).
     train_rate: "SideRate | None" = None
+    # The trunk's output: channels, and its stride (0: pooled features, whatever the size); what one
+    # example's cached activations take at a size (fp16), for the memory cap.
+    trunk_channels: int = 0
+    trunk_stride: int = 0
+
+    def activation_bytes(self, size) -> int:
+        """Bytes of one example's cached (fp16) trunk activations at working size `size`."""
+        if not self.trunk_stride:
+            return 2 * self.trunk_channels
+        h, w = (-(-int(side) // self.trunk_stride) for side in size)
+        return 2 * self.trunk_channels * h * w
 
     @property
     def trunk_runner(self):
@@ -93,12 +104,22 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
         trunk, top = split_backbone(network, config.trunk_blocks)
     net = Backbone(network, trunk, top, int(network.num_features), spec.mean, spec.std, strategy, RateMeter(1.0),
                    name=name)
+    net.trunk_channels, net.trunk_stride = _trunk_output(trunk, device)
     if device.type == "cuda":
         _warm_up_gpu(net, config, metadata, device, plan)
     else:
         _warm_up_cpu(net, config, metadata, device)
     log.info("backbone %s ready on %s; warm-up throughput %s", name, device, net.warmup_rates)
     return net
+
+
+def _trunk_output(trunk: nn.Module, device: torch.device, side: int = 64) -> tuple[int, int]:
+    """(channels, stride) of the trunk's output, from one small image (stride 0: a pooled output)."""
+    with torch.inference_mode():
+        out = trunk.eval()(torch.zeros(1, 3, side, side, device=device))
+    if out.dim() == 4:
+        return int(out.shape[1]), max(1, side // max(1, int(out.shape[2])))
+    return int(out.shape[-1]), 0
 
 
 def _warm_up_cpu(net: Backbone, config: PipelineConfig, metadata, device: torch.device):

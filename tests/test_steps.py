@@ -262,30 +262,32 @@ def test_when_no_stronger_step_fits_the_best_tuning_goes_on_from_its_weights():
 def test_step_backbones_stay_within_the_memory_cap(monkeypatch):
     """The backbones and their engines hold memory: under a small cap the steps keep the first backbone only,
     under a large one every step backbone is built."""
+    from autodl_core import memory as memory_module
     from autodl_core import solver as solver_module
     from autodl_core.config import PipelineConfig
+    from autodl_core.memory import MemoryBudget
 
     built = []
     monkeypatch.setattr(solver_module, "prepare_backbone",
                         lambda config, metadata, device, plan, name=None: built.append(name) or name)
     readings = iter([1.6, 2.2, 2.8])  # GB: after the first backbone, then after each step backbone
-    monkeypatch.setattr(solver_module, "process_memory_gb", lambda: next(readings))
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: next(readings))
     config = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=4.0)
-    nets = solver_module._step_backbones(config, None, torch.device("cpu"), None, rss_before=1.0)
+    nets = solver_module._step_backbones(config, None, torch.device("cpu"), None, MemoryBudget(4.0, base_gb=1.0))
     assert list(nets) == built == ["efficientnet_lite0", "efficientnet_lite2"]
 
     built.clear()
     readings = iter([1.6, 2.2])
-    monkeypatch.setattr(solver_module, "process_memory_gb", lambda: next(readings))
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: next(readings))
     small = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=1.5)
-    nets = solver_module._step_backbones(small, None, torch.device("cpu"), None, rss_before=1.0)
+    nets = solver_module._step_backbones(small, None, torch.device("cpu"), None, MemoryBudget(1.5, base_gb=1.0))
     # 0.6 GB after the first, 0.6 more for Lite0 (1.2 <= 1.5); Lite2 would make about 1.8: left out
     assert list(nets) == built == ["efficientnet_lite0"]
 
     built.clear()
-    monkeypatch.setattr(solver_module, "process_memory_gb", lambda: 1.6)
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: 1.6)
     tiny = PipelineConfig(step_backbones="efficientnet_lite0,efficientnet_lite2", memory_cap_gb=0.05)
-    assert solver_module._step_backbones(tiny, None, torch.device("cpu"), None, rss_before=1.0) == {}
+    assert solver_module._step_backbones(tiny, None, torch.device("cpu"), None, MemoryBudget(0.05, base_gb=1.0)) == {}
     assert built == []
 
 
@@ -307,7 +309,7 @@ class _StoredData:
         return large is not None and large != self.profile.storage_hw and min(size) > min(self.profile.storage_hw)
 
 
-def _steps_for(n_train, n_test, stored, large=None, left=255.0):
+def _steps_for(n_train, n_test, stored, large=None, left=255.0, memory=None):
     """A StepsStage after its first probe at 64 px, with MobileNetV2's rates on a 2-core AVX-512 EPYC
     (frozen pass 3,336 img/s at 64 px; the top's training 842 / 395 img/s at 64 / 128 px)."""
     from types import SimpleNamespace
@@ -320,12 +322,15 @@ def _steps_for(n_train, n_test, stored, large=None, left=255.0):
     config = PipelineConfig()
 
     def net(name, slower=1.0):
+        # MobileNetV2's trunk output (64 channels at stride 16) for the memory the caches take
         return SimpleNamespace(name=name, rate=RateMeter(3336.0 * 64 * 64 / slower),
-                               train_rate=SideRate([(64, 842.0 / slower), (128, 395.0 / slower)]))
+                               train_rate=SideRate([(64, 842.0 / slower), (128, 395.0 / slower)]),
+                               activation_bytes=lambda size: 2 * 64 * -(-size[0] // 16) * -(-size[1] // 16))
 
     nets = {n.name: n for n in (net(config.backbone), net("efficientnet_lite0", 2.0), net("efficientnet_lite2", 2.2))}
     ctx = SimpleNamespace(config=config, planner=TimePlanner(nets[config.backbone].rate),
-                          data=_StoredData(stored, large, n_train, n_test))
+                          data=_StoredData(stored, large, n_train, n_test), memory=memory,
+                          caches=SimpleNamespace(nbytes=lambda: 0))
     steps = StepsStage(ctx, thumbnails=None, probe=SimpleNamespace(size=(64, 64)), nets=nets)
     n_val = min(500, n_train // 10)
     steps.val_idx, steps.fit_idx = np.arange(n_val), np.arange(n_val, n_train)
@@ -348,6 +353,42 @@ def test_a_large_set_tunes_its_backbone_to_the_end_at_the_size_its_images_afford
     small, _, _ = _steps_for(1_000, 300, stored=(32, 32))  # where three epochs fit: a step, not the whole run
     step = small._stronger_step(deadline)
     assert step.then_tune and not step.tune_to_end
+
+
+def test_the_steps_caches_stay_within_the_memory_cap(monkeypatch):
+    """A step's activation caches count against the memory cap: CIFAR-10's 60,000 images at 224 px take
+    ~2.4 GB of MobileNetV2 activations; under a cap that leaves ~0.5 GB the steps choose a side whose
+    caches fit, and with nothing left the smallest side."""
+    import time
+
+    from autodl_core import memory as memory_module
+    from autodl_core.memory import MemoryBudget
+
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: 2.0)
+    roomy, nets, config = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(8.0, base_gb=1.0))
+    deadline = time.monotonic() + 255.0
+    free = roomy._stronger_step(deadline)
+    tight, _, _ = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(1.5, base_gb=1.0))
+    capped = tight._stronger_step(deadline)
+    assert tight.cache_gb(min(capped.size)) <= 0.5 < roomy.cache_gb(min(free.size))
+    assert min(capped.size) < min(free.size)
+    full, _, _ = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(0.5, base_gb=1.0))
+    assert full._sides() == [64]
+
+
+def test_memory_budget_counts_what_the_solver_adds(monkeypatch):
+    from autodl_core import memory as memory_module
+    from autodl_core.memory import MemoryBudget, release_freed_memory
+
+    reading = [1.4]
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: reading[0])
+    budget = MemoryBudget(4.0)  # the base is the process's memory when the solver starts
+    reading[0] = 3.0
+    assert abs(budget.held_gb() - 1.6) < 1e-9 and abs(budget.left_gb() - 2.4) < 1e-9
+    assert budget.fits(2.4) and not budget.fits(2.5) and budget.fits(2.5, freed_gb=0.2)
+    reading[0] = 1.0  # below the base (freed memory handed back): holds nothing, not less
+    assert budget.held_gb() == 0.0 and budget.peak_held_gb == 1.6 > 0
+    assert release_freed_memory() in (True, False)  # glibc hands pages back; elsewhere it is a no-op
 
 
 def test_before_reading_the_data_again_the_steps_look_at_the_stored_size():

@@ -32,7 +32,7 @@ import numpy as np
 from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
-from autodl_core.memory import process_memory_gb
+from autodl_core.memory import process_memory_gb, release_freed_memory
 from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE, seconds_since
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.finetune import FinetuneStage, StepStart
@@ -87,6 +87,7 @@ class ProbeStep:
         if not self._opened:
             ctx.use_backbone(self.net)
             ctx.caches.at(self.size)
+            release_freed_memory()  # the last step's caches, freed: handed back before these fill
             self._opened = True
             log.info("step: frozen probe of %s at %s%s (process memory %.2f GB)", self.net.name, self.size,
                      ", then fine-tuning" if self.then_tune else "", process_memory_gb())
@@ -150,6 +151,7 @@ class StepsStage:
         self.started = False
         self.failures = 0
         self._looked_before_reading = False  # the stored-size probe before the first reading again is made
+        self._memory_dropped: tuple = ()  # the sides last left out for memory (logged when they change)
 
     # ------------------------------------------------------------------ one train call
     def step(self, deadline: float) -> str:
@@ -355,7 +357,36 @@ class StepsStage:
             and last.head is not None
 
     def _sides(self) -> list[int]:
-        return step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
+        """The sides a step may use: within the data's reach (step_sides) and the memory cap; the smallest
+        when none fits the cap."""
+        sides = step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
+        fitting = [s for s in sides if self._caches_fit(s)]
+        dropped = tuple(s for s in sides if s not in fitting)
+        if dropped != self._memory_dropped:
+            self._memory_dropped = dropped
+            if dropped:
+                log.info("steps: sides %s left out: their caches would pass the memory cap (%s)",
+                         ", ".join(map(str, dropped)), self.ctx.memory.line())
+        return fitting or sides[:1]
+
+    def cache_gb(self, side: int) -> float:
+        """What a step's caches at `side` take in the end (GB): the trunk activations of every training and
+        test example and, with flip TTA, of the flipped validation and test images, for the step backbone
+        whose activations are largest."""
+        data, size = self.ctx.data, self._size(side)
+        per_example = max((net.activation_bytes(size) for net in self.nets.values()), default=0)
+        n = data.n_read + data.n_test_read
+        if self.ctx.config.flip_tta and data.profile.flip_ok:
+            n += len(self.val_idx if self.val_idx is not None else ()) + data.n_test_read
+        return n * per_example / 1e9
+
+    def _caches_fit(self, side: int) -> bool:
+        """Whether a step's caches at `side` stay within the memory cap, counting the present caches as
+        freed (a new step's caches replace them)."""
+        memory = self.ctx.memory
+        if memory is None:
+            return True
+        return memory.fits(self.cache_gb(side), freed_gb=self.ctx.caches.nbytes() / 1e9)
 
     def _size(self, side: int) -> tuple[int, int]:
         return working_size(self.ctx.data.step_storage_hw(), side)
