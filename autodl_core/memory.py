@@ -75,4 +75,4 @@ class MemoryBudget:
 
     def line(self) -> str:
         """For logs: held and cap."""
-        return f"solver holds {self.held_gb():.2f} GB of its {self.cap_gb:.2f} GB cap"
+        return f"solver holds {self.held_gb():.2f} GB of its {self.cap_gb:.2f} GB cap, above {self.base_gb:.2f} GB before it"
