@@ -58,11 +58,6 @@ class PipelineConfig:
     freeze_fraction: float = _in("probe", 0.3)  # share of backbone blocks kept frozen by "finetune"
     lr: float = _in("finetune", 0.01)
     top_lr: float = _in("finetune", 0.016)  # measured best on a CPU at T = 300 s (0.002 until 0.1.9: ID_BASELINE)
-    # LP-FT in the top mode: where the probe's head has a raw weight norm above this, the top's learning
-    # rate is top_lr * sqrt(this / norm). A large head turns small feature shifts into large logit shifts:
-    # at top_lr the first 25-100 steps wiped out the head on knee X-rays, blood cells and RetinaMNIST
-    # (norms 94, 134, 69: val NAUC to 0.00) and not on photos or BreastMNIST (norms 5-11).
-    lp_ft_head_norm: float = _in("finetune", 10.0)
     top_dropout: float = _in("finetune", 0.2)
     batch_size: int = _in("finetune", 64)
     # On a GPU (see autodl_core/device_plan.py): full fine-tuning's images per step (the learning rate

@@ -27,6 +27,18 @@ def process_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 1e9
 
 
+def peak_process_memory_gb() -> float | None:
+    """The most this process has held so far (GB; None where the system does not say): where a run's
+    peak comes from shows in when this rises."""
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
     try:
@@ -72,6 +84,11 @@ class MemoryBudget:
     def fits(self, more_gb: float, freed_gb: float = 0.0) -> bool:
         """Whether holding `more_gb` more, after letting go of `freed_gb`, stays within the cap."""
         return self.held_gb() - max(0.0, freed_gb) + max(0.0, more_gb) <= self.cap_gb
+
+    def call_line(self) -> str:
+        """For the log line of each call: the process's memory now and its peak so far."""
+        peak = peak_process_memory_gb()
+        return f"process memory {process_memory_gb():.2f} GB" + (f", peak {peak:.2f} GB" if peak else "")
 
     def line(self) -> str:
         """For logs: held and cap."""

@@ -120,8 +120,8 @@ class Solver:
             log.exception("train step failed in stage %s; keeping the last good predictions", self.stage)
             self._fallback_after_error()
         finally:
-            log.info("train call %d (%s) took %.1fs; remaining %.1fs", self.calls, self.stage,
-                     time.monotonic() - started, deadline - time.monotonic())
+            log.info("train call %d (%s) took %.1fs; remaining %.1fs; %s", self.calls, self.stage,
+                     time.monotonic() - started, deadline - time.monotonic(), ctx.memory.call_line())
             ctx.planner.returned()
 
     def test(self, dataset, remaining_time_budget: float):
@@ -147,8 +147,8 @@ class Solver:
         result = predictions.last_good if predictions.last_good is not None else data.prior_predictions()
         if deadline - time.monotonic() < 1.0:
             ctx.done_training = True
-        log.info("test call %d took %.1fs; remaining %.1fs", self.test_calls, time.monotonic() - started,
-                 deadline - time.monotonic())
+        log.info("test call %d took %.1fs; remaining %.1fs; %s", self.test_calls, time.monotonic() - started,
+                 deadline - time.monotonic(), ctx.memory.call_line())
         ctx.planner.returned()
         return result
 

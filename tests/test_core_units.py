@@ -256,18 +256,3 @@ def test_the_planners_deadlines_inside_a_call_leave_their_reserves():
     assert not p.TimePlanner.read_all_must_stop(deadline)
     assert p.TRAIN_SLICE_SHARE + p.CACHE_SLICE_SHARE == pytest.approx(1.0)  # a slice: training, then caches
     assert p.TimePlanner.cache_slice_seconds(10.0) == pytest.approx(10.0 * p.CACHE_SLICE_SHARE)
-
-
-def test_lp_ft_learning_rate_falls_with_a_large_probe_head():
-    """A probe head with large raw weights (knee X-rays: norm ~94) starts the top's fine-tuning at a lower
-    rate; a small one (photos: norm 5-11) keeps top_lr."""
-    from autodl_core.config import PipelineConfig
-    from autodl_core.stages.finetune import lp_ft_learning_rate
-
-    cfg = PipelineConfig()
-    assert lp_ft_learning_rate(cfg.top_lr, 7.1, cfg.lp_ft_head_norm) == cfg.top_lr
-    knee = lp_ft_learning_rate(cfg.top_lr, 93.6, cfg.lp_ft_head_norm)
-    assert 0.004 < knee < 0.006
-    assert lp_ft_learning_rate(cfg.top_lr, 134.0, cfg.lp_ft_head_norm) < knee
-    assert lp_ft_learning_rate(cfg.top_lr, float("nan"), cfg.lp_ft_head_norm) == cfg.top_lr
-    assert lp_ft_learning_rate(cfg.top_lr, 93.6, 0.0) == cfg.top_lr  # 0 turns the rule off

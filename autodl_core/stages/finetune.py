@@ -59,17 +59,6 @@ class StepStart:
     probe_score: float = -np.inf  # its probe's validation score: fine-tuning below it is still recovering
 
 
-def lp_ft_learning_rate(lr: float, head_norm: float, reference_norm: float) -> float:
-    """The top's learning rate when it starts from a probe head whose raw weights have norm `head_norm`:
-    `lr` up to `reference_norm`, `lr * sqrt(reference_norm / head_norm)` above. The head turns feature
-    shifts into logit shifts in proportion to its weights, and the body's gradients grow with them too; on
-    six sets at 96 px (MobileNetV2 top, 300 steps) the rule kept top_lr where it was best (photos,
-    BreastMNIST: norms 5-11) and gave 0.004-0.006 where top_lr wiped out the head (norms 69-134)."""
-    if reference_norm <= 0 or not np.isfinite(head_norm) or head_norm <= reference_norm:
-        return lr
-    return lr * float(np.sqrt(reference_norm / head_norm))
-
-
 class FinetuneStage:
     name = "finetune"
 
@@ -200,11 +189,8 @@ class FinetuneStage:
         if top_mode and cfg.top_dropout > 0:
             model.head = nn.Sequential(nn.Dropout(cfg.top_dropout), model.head)
         head = self.start.head if self.start is not None else self.probe.head
-        lr = cfg.top_lr if top_mode else cfg.lr
         if head is not None and head.multilabel == data.profile.multilabel and head.weight.shape[1] == data.train_y.shape[1]:
             weight, bias = head.as_linear()  # LP-FT: start from the probe's linear head
-            if top_mode:
-                lr = lp_ft_learning_rate(lr, float(weight.norm()), cfg.lp_ft_head_norm)
             linear = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
             with torch.no_grad():
                 linear.weight.copy_(weight)
@@ -217,9 +203,7 @@ class FinetuneStage:
             self.size = working_size(data.profile.storage_hw, cfg.finetune_resolution)
         self.fit_idx = np.flatnonzero(~data.is_val)
         self.val_idx = np.flatnonzero(data.is_val)
-        if lr != (cfg.top_lr if top_mode else cfg.lr):
-            log.info("fine-tuning from a probe head of weight norm %.1f: learning rate %.4f", float(weight.norm()), lr)
-        self._new_tuner(model, lr)
+        self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
         self.leaving_head = self.start is not None
         if top_mode:
             ctx.caches.train.ensure(data.images("train"), self.val_idx,
