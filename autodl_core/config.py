@@ -89,8 +89,9 @@ class PipelineConfig:
     val_noise_z: float = _in("schedule", 1.0)
     val_fraction: float = _in("data", 0.1)
     val_max: int = _in("data", 800)
-    # Bounds the stored images and, before the steps build their other backbones, what the backbones and
-    # their inference engines hold (solver._step_backbones).
+    # What the solver may add to its process's memory (autodl_core/memory.py): the backbones with their
+    # inference engines (solver._step_backbones), the stored images (run_data), the steps' activation
+    # caches (steps._sides); the libraries loaded before the solver starts are outside it.
     memory_cap_gb: float = _in("data", 4.0)
     # The any-time steps (CPU top mode; autodl_core/stages/steps.py): after the first probe, steps of
     # growing strength, each started when the last one plateaus: a frozen probe of a backbone at the

@@ -38,6 +38,7 @@ class RunData:
         self.preprocess: Preprocessor | None = None
         self.train_reader = None
         self.train_x = self.train_y = None
+        self._train_buffer = None  # what train_x is a view of: room for the whole training set
         self.test_x = None
         self.is_val = None
         self.n_test = None  # known once the test set is read (or counted after a failure)
@@ -103,17 +104,31 @@ class RunData:
             return 0
         x, y = chunk
         self.planner.note_read(len(x), seconds_since(started))
-        if self.train_x is None:
-            self.train_x, self.train_y = x, y
-        else:
-            self.train_x = np.concatenate([self.train_x, x])
-            self.train_y = np.concatenate([self.train_y, y])
+        self.train_x = self._append_train_images(x)
+        self.train_y = y if self.train_y is None else np.concatenate([self.train_y, y])
         if self.plan.images_on_device:
             self._mirror_on_device("train", x)
         self.is_val = self.val_mask(len(self.train_x))
         self.profile.update_labels(self.train_y)
         self.profile.pixel_max = max(self.profile.pixel_max, float(x.max()) if len(x) else 0.0)
         return len(x)
+
+    def _append_train_images(self, x: np.ndarray) -> np.ndarray:
+        """The stored training images with chunk `x` after them, in one buffer sized for the whole set
+        (grown by doubling where the set is larger than declared): appending by concatenation copied
+        every image read so far at each chunk and held two copies at once at the end (0.7 GB for blood
+        cells' 9,957 images at 96 x 128)."""
+        have = self.n_read
+        buffer = self._train_buffer
+        if buffer is None or have + len(x) > len(buffer) or buffer.shape[1:] != x.shape[1:]:
+            declared = min(max(0, int(self.profile.n_train or 0)), int(self.profile.max_cached_examples or 0))
+            capacity = max(have + len(x), declared, 2 * len(buffer) if buffer is not None else 0)
+            grown = np.empty((capacity,) + x.shape[1:], x.dtype)
+            if have:
+                grown[:have] = self.train_x
+            self._train_buffer = buffer = grown
+        buffer[have:have + len(x)] = x
+        return buffer[:have + len(x)]
 
     def read_all_train(self, deadline: float) -> bool:
         """Read what is left (5 s at a time); False when the deadline comes within 10 s."""
@@ -241,7 +256,7 @@ class RunData:
                         self.profile.storage_hw)
             self.large_storage_hw, self._reread = None, None
             return False
-        self.train_x = train
+        self.train_x, self._train_buffer = train, None
         if test is not None:
             self.test_x = test
         self.profile.storage_hw = tuple(self.large_storage_hw)

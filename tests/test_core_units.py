@@ -97,6 +97,22 @@ def test_multilabel_head_and_thumbnails():
     assert probs[y[:, 0] == 1, 0].mean() > probs[y[:, 0] == 0, 0].mean()
 
 
+def test_thumbnails_in_chunks_are_the_whole_set_at_once():
+    """Thumbnails are made a chunk at a time (memory); the features are those of all images at once."""
+    import torch.nn.functional as F
+
+    from autodl_core.heads import THUMBNAIL_CHUNK
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 255, (THUMBNAIL_CHUNK * 2 + 7, 24, 18, 3), dtype=np.uint8)
+    whole = F.adaptive_avg_pool2d(torch.from_numpy(images).permute(0, 3, 1, 2).float(), (12, 12))
+    expected = whole.reshape(len(images), -1).numpy()
+    assert np.allclose(thumbnails(images), expected)
+    positions = np.flatnonzero(rng.random(len(images)) < 0.5)
+    assert np.allclose(thumbnails(images, positions=positions), expected[positions])
+    assert thumbnails(images, positions=np.zeros(0, int)).shape == (0, 12 * 12 * 3)
+
+
 def test_trunk_and_top_compose_to_the_backbone():
     timm = pytest.importorskip("timm")
     from autodl_core.trunk import split_backbone
@@ -256,3 +272,24 @@ def test_the_planners_deadlines_inside_a_call_leave_their_reserves():
     assert not p.TimePlanner.read_all_must_stop(deadline)
     assert p.TRAIN_SLICE_SHARE + p.CACHE_SLICE_SHARE == pytest.approx(1.0)  # a slice: training, then caches
     assert p.TimePlanner.cache_slice_seconds(10.0) == pytest.approx(10.0 * p.CACHE_SLICE_SHARE)
+
+
+def test_training_images_are_appended_in_one_buffer():
+    """Chunks read go into one buffer sized for the declared set (no copy of what was read at each chunk);
+    a set larger than declared grows it; the images are those of the chunks, in order."""
+    from types import SimpleNamespace
+
+    from autodl_core.run_data import RunData
+
+    data = RunData.__new__(RunData)
+    data.train_x, data._train_buffer = None, None
+    data.profile = SimpleNamespace(n_train=10, max_cached_examples=1000)
+    rng = np.random.default_rng(3)
+    chunks = [rng.integers(0, 255, (4, 5, 6, 3), dtype=np.uint8) for _ in range(4)]
+    for i, chunk in enumerate(chunks):
+        data.train_x = data._append_train_images(chunk)
+        assert np.array_equal(data.train_x, np.concatenate(chunks[:i + 1]))
+        if i == 0:
+            first_buffer = data._train_buffer
+            assert len(first_buffer) == 10  # the declared set
+    assert data._train_buffer is not first_buffer and len(data._train_buffer) >= 16

@@ -50,7 +50,7 @@ class ThumbnailStage:
             fit[:] = True
         self.n_fitted = n
         self.head = LinearHead(data.profile.multilabel, l2=1e-2).fit(
-            thumbnails(data.train_x[:n][fit]), data.train_y[:n][fit], max_iter=60,
+            thumbnails(data.train_x, positions=np.flatnonzero(fit)), data.train_y[:n][fit], max_iter=60,
             deadline=self.ctx.planner.thumbnail_fit_deadline(deadline))
 
     def examples(self) -> int:
@@ -58,7 +58,7 @@ class ThumbnailStage:
         return 0 if self.head is None or self.head.mean is None else self.n_fitted
 
     def val_probs(self, val_idx: np.ndarray) -> np.ndarray:
-        return self.head.predict_proba(thumbnails(self.ctx.data.train_x[val_idx]))
+        return self.head.predict_proba(thumbnails(self.ctx.data.train_x, positions=val_idx))
 
     def register(self):
         """Add (or replace) the thumbnail candidate: its test and validation predictions."""
