@@ -15,11 +15,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import logging
 
 import psutil
-
-log = logging.getLogger("autodl_core.memory")
 
 
 def process_memory_gb() -> float:

@@ -52,6 +52,7 @@ class RunData:
     def open_train(self, dataset, read_train: bool = True):
         peek = readers.peek(dataset, deadline=in_seconds(PEEK_SECONDS))
         self.profile = DataProfile.from_metadata_and_peek(self.metadata, peek)
+        images_gb = self.images_memory_gb()
         self._datasets["train"] = dataset
         if self.config.uses_steps(self.device.type):
             # The any-time steps may look at the images up to max_step_side on the shorter side (a 4:3
@@ -59,10 +60,8 @@ class RunData:
             # needs it. The first stages read at the small size: images stored at 384 px were read 3x
             # slower and put the first predictions off by seconds (Oxford flowers: -0.019 ALC).
             max_side = int(round(self.config.max_step_side * 4 / 3))
-            self.large_storage_hw = choose_storage_shape(self.profile, max_side, self.images_memory_gb(),
-                                                         shrink_to_fit=True)
-        self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution,
-                                                       self.images_memory_gb())
+            self.large_storage_hw = choose_storage_shape(self.profile, max_side, images_gb, shrink_to_fit=True)
+        self.profile.storage_hw = choose_storage_shape(self.profile, self.config.max_resolution, images_gb)
         self.value_offset, self.value_scale = readers.value_transform(peek.value_min, peek.value_max)
         self.preprocess = Preprocessor(self.mean, self.std, pixel_max=255.0, device=self.device)
         if read_train:
@@ -120,7 +119,7 @@ class RunData:
         cells' 9,957 images at 96 x 128)."""
         have = self.n_read
         buffer = self._train_buffer
-        if buffer is None or have + len(x) > len(buffer) or buffer.shape[1:] != x.shape[1:]:
+        if buffer is None or have + len(x) > len(buffer):
             declared = min(max(0, int(self.profile.n_train or 0)), int(self.profile.max_cached_examples or 0))
             capacity = max(have + len(x), declared, 2 * len(buffer) if buffer is not None else 0)
             grown = np.empty((capacity,) + x.shape[1:], x.dtype)

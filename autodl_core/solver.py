@@ -230,13 +230,14 @@ class Solver:
             "engines": {name: net.engines() for name, net in self.nets.items()},
             "storage_hw": list(ctx.data.profile.storage_hw) if ctx.data.profile else [],
             "steps": list(self.steps.history) if self.steps is not None else [],
+            "memory_held_peak_gb": round(ctx.memory.peak_held_gb, 2),  # the most the solver held at its checks
             "validation": (self.steps.split_report.line() if self.steps is not None and self.steps.split_report
                            else None),
         }
 
 
 def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan: DevicePlan,
-                    memory: MemoryBudget | None = None) -> dict[str, Backbone]:
+                    memory: MemoryBudget) -> dict[str, Backbone]:
     """The other backbones the any-time steps may use, built and measured before the clock starts; one that
     cannot be loaded (weights not installed) is left out, saying why.
 
@@ -245,10 +246,10 @@ def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan
     so far, plus what the last backbone took, would pass the memory cap (`memory`).
     """
     nets = {}
-    grown = memory.held_gb() if memory is not None else 0.0
+    grown = memory.held_gb()
     cost = grown  # the first backbone with its engines: about what one more takes
     for name in config.step_backbone_names()[1:]:
-        if memory is not None and grown + cost > memory.cap_gb:
+        if grown + cost > memory.cap_gb:
             log.info("step backbone %s left out: the backbones built hold %.2f GB and one more takes about %.2f GB, "
                      "beyond the memory cap of %.2f GB", name, grown, cost, memory.cap_gb)
             continue
@@ -258,7 +259,6 @@ def _step_backbones(config: PipelineConfig, metadata, device: torch.device, plan
             log.warning("step backbone %s left out: %s", name, exc)
             continue
         release_freed_memory()
-        if memory is not None:
-            now = memory.held_gb()
-            cost, grown = (now - grown) if now > grown else cost, now
+        now = memory.held_gb()
+        cost, grown = (now - grown) if now > grown else cost, now
     return nets

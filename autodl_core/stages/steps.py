@@ -360,7 +360,11 @@ class StepsStage:
         """The sides a step may use: within the data's reach (step_sides) and the memory cap; the smallest
         when none fits the cap."""
         sides = step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
-        fitting = [s for s in sides if self._caches_fit(s)]
+        memory = self.ctx.memory
+        if memory is None:
+            return sides
+        freed = self.ctx.caches.nbytes() / 1e9  # a new step's caches replace the present ones
+        fitting = [s for s in sides if memory.fits(self.cache_gb(s), freed_gb=freed)]
         dropped = tuple(s for s in sides if s not in fitting)
         if dropped != self._memory_dropped:
             self._memory_dropped = dropped
@@ -379,14 +383,6 @@ class StepsStage:
         if self.ctx.config.flip_tta and data.profile.flip_ok:
             n += len(self.val_idx if self.val_idx is not None else ()) + data.n_test_read
         return n * per_example / 1e9
-
-    def _caches_fit(self, side: int) -> bool:
-        """Whether a step's caches at `side` stay within the memory cap, counting the present caches as
-        freed (a new step's caches replace them)."""
-        memory = self.ctx.memory
-        if memory is None:
-            return True
-        return memory.fits(self.cache_gb(side), freed_gb=self.ctx.caches.nbytes() / 1e9)
 
     def _size(self, side: int) -> tuple[int, int]:
         return working_size(self.ctx.data.step_storage_hw(), side)
