@@ -513,3 +513,37 @@ def test_a_step_out_of_patience_ends_the_step_not_the_run():
     single = stage(None)
     single._out_of_patience()
     assert single.ctx.done_training and not single.finished
+
+
+def test_where_the_frozen_features_are_weak_the_tuning_goes_where_many_epochs_fit():
+    """Knee X-rays' shape (3,985 examples stored at 128 px): the first step plans its tuning at a large size,
+    where three epochs fit; once its frozen probe scores low on validation (0.37), the tuning moves to a
+    smaller size where TUNE_MIN_EPOCHS_WEAK epochs fit in the step's share. Where the probe scores high,
+    its cached activations are tuned at once."""
+    import time
+
+    from autodl_core.planner import TUNE_MIN_EPOCHS_WEAK, TUNE_STEP_SHARE, WEAK_FEATURES_NAUC
+    from autodl_core.stages.steps import ProbeStep
+
+    for probe_score, weak in ((0.37, True), (0.9, False)):
+        steps, nets, config = _steps_for(3_985, 1_656, stored=(128, 128))
+        steps._tune = lambda probe_step, deadline, last_step=False: ("tune", probe_step)
+        deadline = time.monotonic() + 270.0
+        first = steps._stronger_step(deadline)
+        assert isinstance(first, ProbeStep) and first.then_tune and not first.sized_for_weak
+        assert min(first.size) >= 160
+        first.head, first.val_score = object(), (lambda s=probe_score: s)
+        steps.current = first
+        nxt = steps._next_step(deadline)
+        assert steps.weak_features() is weak and (probe_score < WEAK_FEATURES_NAUC) is weak
+        if not weak:
+            assert nxt == ("tune", first)
+            continue
+        assert isinstance(nxt, ProbeStep) and nxt.then_tune and nxt.sized_for_weak and nxt.net is first.net
+        assert min(nxt.size) < min(first.size)
+        net = nets[config.backbone]
+        epochs = TUNE_STEP_SHARE * 270.0 * net.train_rate.images_per_s(nxt.size) / len(steps.fit_idx)
+        assert epochs >= TUNE_MIN_EPOCHS_WEAK
+        steps.current = nxt  # its probe done: tuned there, not moved again
+        nxt.head, nxt.val_score = object(), (lambda: 0.35)
+        assert steps._next_step(deadline) == ("tune", nxt)

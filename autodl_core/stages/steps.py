@@ -8,9 +8,10 @@ in steps, each chosen from the data and the time left by the planner's cost mode
              over every example, a linear head; on small photo sets a 224-px frozen probe costs
              seconds and beats fine-tuning at 64-128 px (test NAUC 0.98 vs 0.89 on 397 photos);
     tune     the backbone's top fine-tuned (LP-FT) on the trunk activations its probe cached, at
-             the largest size where TUNE_MIN_EPOCHS epochs fit; it hands over at a plateau (two
-             slices whose gain the validation split cannot vouch for) or when its share of the time
-             is used;
+             the largest size where TUNE_MIN_EPOCHS epochs fit (TUNE_MIN_EPOCHS_WEAK where the frozen
+             probes score low: far from ImageNet, epochs pay more than pixels); it hands over at a
+             plateau (two slices whose gain the validation split cannot vouch for) or when its share of
+             the time is used;
     then     the next backbone (`step_backbones`: EfficientNet-Lite0, Lite2), probe then tune; and
              when no stronger step fits, the last step goes on with a new cycle until the end.
 
@@ -33,7 +34,8 @@ from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
 from autodl_core.memory import process_memory_gb, release_freed_memory
-from autodl_core.planner import MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_STEP_SHARE, seconds_since
+from autodl_core.planner import (MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_MIN_EPOCHS_WEAK, TUNE_STEP_SHARE,
+                                 WEAK_FEATURES_NAUC, seconds_since)
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.finetune import FinetuneStage, StepStart
 from autodl_core.stages.probe import ProbeStage
@@ -68,8 +70,9 @@ class ProbeStep:
     features, a linear head; its predictions join the candidates."""
 
     def __init__(self, ctx: RunContext, net, size, fit_idx: np.ndarray, val_idx: np.ndarray, then_tune: bool,
-                 resume: FinetuneStage | None = None, tune_to_end: bool = False):
+                 resume: FinetuneStage | None = None, tune_to_end: bool = False, sized_for_weak: bool = False):
         self.ctx, self.net, self.size = ctx, net, tuple(size)
+        self.sized_for_weak = sized_for_weak  # its size was chosen knowing the frozen features are weak
         self.resume = resume  # a fine-tuning step of this backbone and size to go on with once cached
         self.tune_to_end = tune_to_end  # the fine-tuning that follows keeps the rest of the run
         # The head is fitted on the first PROBE_STEP_FIT examples of a large set (a fine-tuning step caches
@@ -145,6 +148,7 @@ class StepsStage:
         self.tunes: dict[str, FinetuneStage] = {}  # the latest fine-tuning step of each backbone
         self.history: list[str] = []  # the steps begun, in order ("probe mobilenetv2_100@224x224", ...)
         self.probed: dict[str, int] = {}  # backbone -> largest side probed
+        self.frozen_score = -np.inf  # the best validation score of a step's frozen probe: how much they carry
         self.tuned: set[str] = set()
         self.fit_idx = self.val_idx = None
         self.split_report = None
@@ -230,11 +234,21 @@ class StepsStage:
     # ------------------------------------------------------------------ which step next
     def _next_step(self, deadline: float):
         last = self.current
+        if isinstance(last, ProbeStep) and last.head is not None:
+            self.frozen_score = max(self.frozen_score, last.val_score())
         if isinstance(last, ProbeStep) and last.then_tune and last.head is not None:
             if last.resume is not None:  # its activations are cached again: it goes on until the end
                 last.resume.extend(deadline)
                 self.tune = last.resume
                 return last.resume
+            if self.weak_features() and not (last.sized_for_weak or last.tune_to_end):
+                # Its probe shows the features carry little: the tuning goes where enough epochs fit (the
+                # same size when they fit there: _stronger_step tunes these cached activations then).
+                log.info("steps: the frozen features are weak (val NAUC %.3f < %.2f): tuning where %.0f epochs fit",
+                         self.frozen_score, WEAK_FEATURES_NAUC, TUNE_MIN_EPOCHS_WEAK)
+                step = self._stronger_step(deadline)
+                if step is not None:
+                    return step
             return self._tune(last, deadline, last_step=last.tune_to_end)
         step = self._stronger_step(deadline)
         if step is not None:
@@ -273,15 +287,19 @@ class StepsStage:
         first_side = min(self.probe.size) if self.probe.size else sides[0]
         left = deadline - time.monotonic()
         names = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
+        weak = self.weak_features()
         for i, name in enumerate(names):
             net = self.nets[name]
             budget = (TUNE_STEP_SHARE if i + 1 < len(names) else 0.9) * left
-            tune_side, cached = self._tune_side(net, budget, min_epochs=TUNE_MIN_EPOCHS, floor=first_side)
+            tune_side, cached = self._tune_side(net, budget, min_epochs=self.min_tune_epochs(), floor=first_side)
             if cached:
                 return self._tune(self.current, deadline)
             probe_side = next((s for s in reversed(sides) if planner.probe_step_affordable(
                 self._n_all(), self._size(s), net.rate, deadline, extra=self._reread_cost(s))), None)
-            probe_worth = (probe_side is not None and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN
+            # Where the features are weak, a frozen probe at a larger size is not worth its pass (knee X-rays:
+            # EfficientNet-Lite0 at 160 px, 15 s, below the ensemble).
+            probe_worth = (probe_side is not None and not weak
+                           and probe_side > self.probed.get(name, 0) * MIN_SIDE_GAIN
                            and probe_side >= first_side * MIN_SIDE_GAIN)
             if probe_worth and (tune_side is None or probe_side >= tune_side * MIN_SIDE_GAIN):
                 return self._look_before_reading_again(net, probe_side, first_side, deadline) \
@@ -302,7 +320,12 @@ class StepsStage:
         at T = 300 s the steps otherwise probed three backbones for 80 s and then tuned at 80 px (final
         NAUC 0.964), where one fine-tuning at 96 px from the start ended at 0.973."""
         left = deadline - time.monotonic()
-        side, cached = self._tune_side(net, 0.9 * left, min_epochs=1.0, floor=first_side)
+        weak = self.weak_features()
+        side, cached = self._tune_side(net, 0.9 * left, min_epochs=TUNE_MIN_EPOCHS_WEAK if weak else 1.0,
+                                       floor=first_side)
+        if side is None and weak:  # as many epochs as the time allows: at the smallest size
+            side = next((s for s in self._sides() if s >= first_side), None)
+            cached = side is not None and self._cached(net, side)
         if side is None:
             return None
         log.info("steps: a large set for the time left (%d training examples): %s tuned until the end at side %d",
@@ -332,23 +355,35 @@ class StepsStage:
         """(the largest side >= `floor` where fine-tuning `net` needs at most `budget` seconds, whether the
         last probe cached its activations there). Cached activations cost no pass, and one epoch is enough
         to start on them (large sets: three epochs fit at no size, but their probe's activations are
-        there); otherwise a pass and `min_epochs` epochs."""
+        there); otherwise a pass and `min_epochs` epochs. Where the features are weak, cached activations
+        need `min_epochs` too: one epoch at 224 px is what the weak rule moves away from."""
         if net.train_rate is None:
             return None, False
         planner, n_fit = self.ctx.planner, len(self.fit_idx)
+        weak = self.weak_features()
         for side in reversed(self._sides()):
             if side < floor:
                 break
             cached = self._cached(net, side)
             needed = planner.tune_step_seconds(self._n_all(all_fit=True), n_fit, self._size(side), net.rate,
-                                               net.train_rate,
-                                               cached=cached, min_epochs=1.0 if cached else min_epochs,
+                                               net.train_rate, cached=cached,
+                                               min_epochs=min(1.0, min_epochs) if cached and not weak else min_epochs,
                                                extra=self._reread_cost(side),
                                                n_predicted=len(self.val_idx) + self.ctx.data.n_test_read,
                                                flips=self.ctx.config.flip_tta and self.ctx.data.profile.flip_ok)
             if needed <= budget:
                 return side, cached
         return None, False
+
+    def weak_features(self) -> bool:
+        """Whether the steps' frozen probes carry little on this data (their best validation NAUC below
+        WEAK_FEATURES_NAUC): X-rays, pedestrians' attributes, 28-px ultrasound (0.37-0.54), where photos score
+        0.85-0.99. Unknown until a step's probe has a validation score."""
+        return bool(np.isfinite(self.frozen_score) and self.frozen_score < WEAK_FEATURES_NAUC)
+
+    def min_tune_epochs(self) -> float:
+        """The epochs a fine-tuning step must afford in its time."""
+        return TUNE_MIN_EPOCHS_WEAK if self.weak_features() else TUNE_MIN_EPOCHS
 
     def _cached(self, net, side: int) -> bool:
         """Whether the step just finished is a probe of `net` at `side` (its activations are in the caches)."""
@@ -405,7 +440,8 @@ class StepsStage:
         size = self._size(side)
         self.probed[net.name] = max(self.probed.get(net.name, 0), side)
         self.history.append(f"probe {net.name}@{size[0]}x{size[1]}")
-        return ProbeStep(self.ctx, net, size, self.fit_idx, self.val_idx, then_tune, tune_to_end=tune_to_end)
+        return ProbeStep(self.ctx, net, size, self.fit_idx, self.val_idx, then_tune, tune_to_end=tune_to_end,
+                         sized_for_weak=self.weak_features())
 
     def _tune(self, probe_step: ProbeStep, deadline: float, last_step: bool = False) -> FinetuneStage:
         """Fine-tuning from a finished probe step (its head, its cached activations)."""
