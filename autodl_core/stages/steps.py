@@ -123,6 +123,7 @@ class ProbeStep:
         self.val_probs = self.head.predict_proba(features[n_fit:]) if len(self.val_idx) else None
         self.test_probs = self.head.predict_proba(test_features)
         self.finished = True
+        log.info("step: frozen probe of %s: val NAUC %.4f", self.group, self.val_score())
         ctx.predictions.ready(self.predict)
 
     def val_score(self) -> float:
@@ -218,6 +219,9 @@ class StepsStage:
                     cand.val_probs = self.thumbnails.val_probs(self.val_idx)
                 elif cand.name == "probe" and self.probe.head is not None:
                     cand.val_probs = self.probe.val_probs()
+                if cand.val_probs is not None and len(cand.val_probs) == len(self.val_idx):
+                    # what each first stage carries, before any step
+                    log.info("steps: %s val NAUC %.4f", cand.name, score(data.val_labels(), cand.val_probs))
             _, ctx.best_val_score = ctx.candidates.select(data.val_labels())
         ctx.predictions.ready(lambda deadline: ctx.best_combination())
 
