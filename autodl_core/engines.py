@@ -171,17 +171,13 @@ def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def images_per_s(runner: Runner, x: torch.Tensor, repeats: int = 2) -> float:
-    """Steady-state images/s of `runner` on `x`: the fastest of `repeats` timed calls, after an untimed one
-    at the same shape (the first call at a shape is slow, and OpenVINO prepares its kernels per input
-    shape). The fastest, not the mean: another thread or process only ever slows a call down, and one
-    timed call of 64 images at 64 px measured MobileNetV2 at 1,550-3,940 img/s in runs on one machine."""
+    """Steady-state images/s of `runner` on `x` (after an untimed call at the same shape: the first call at
+    a shape is slow, and OpenVINO prepares its kernels per input shape)."""
     runner(x)
-    fastest = float("inf")
+    started = time.monotonic()  # the solver's clock (a virtual one under `tools replay`)
     for _ in range(repeats):
-        started = time.monotonic()  # the solver's clock (a virtual one under `tools replay`)
         runner(x)
-        fastest = min(fastest, time.monotonic() - started)
-    return len(x) / max(1e-9, fastest)
+    return repeats * len(x) / max(1e-9, time.monotonic() - started)
 
 
 @dataclass

@@ -109,8 +109,7 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
         _warm_up_gpu(net, config, metadata, device, plan)
     else:
         _warm_up_cpu(net, config, metadata, device)
-    log.info("backbone %s ready on %s; warm-up throughput %s%s", name, device, net.warmup_rates,
-             "" if net.train_rate is None else f"; top training {net.train_rate.points}")
+    log.info("backbone %s ready on %s; warm-up throughput %s", name, device, net.warmup_rates)
     return net
 
 
@@ -123,9 +122,6 @@ def _trunk_output(trunk: nn.Module, device: torch.device, side: int = 64) -> tup
     return int(out.shape[-1]), 0
 
 
-WARMUP_TIMINGS = 3  # the warm-up's rates are the fastest of this many timed calls (engines.images_per_s)
-
-
 def _warm_up_cpu(net: Backbone, config: PipelineConfig, metadata, device: torch.device):
     """First calls of oneDNN kernels are slow; choose torch's precision (bf16 where measured faster),
     then the engine of each frozen part (autodl_core/engines.py), and measure the throughput the
@@ -136,7 +132,7 @@ def _warm_up_cpu(net: Backbone, config: PipelineConfig, metadata, device: torch.
     net.trunk_engine, net.top_engine = _frozen_engines(net, config, device, guess)
     for res in sorted({guess, 64}):
         x = torch.randn(64, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
-        rate = images_per_s(net.frozen_features, x, repeats=WARMUP_TIMINGS)
+        rate = images_per_s(net.frozen_features, x, repeats=1)
         net.warmup_rates.append((res, rate))
     net.rate = RateMeter(rate * res * res)
     if net.strategy == "finetune_top" and config.uses_steps(device.type):
@@ -168,13 +164,9 @@ def _top_train_rate(net: Backbone, device: torch.device) -> SideRate:
             return activations[idx].contiguous(memory_format=torch.channels_last)
 
         tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=1)
-        fastest = float("inf")
-        for _ in range(WARMUP_TIMINGS):  # one step at a time, the fastest: as for the frozen passes
-            started, steps = time.monotonic(), tuner.steps
-            tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=1)
-            if tuner.steps > steps:
-                fastest = min(fastest, time.monotonic() - started)
-        points.append((side, 32 / max(1e-6, fastest)))
+        started, steps = time.monotonic(), tuner.steps
+        tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=2)
+        points.append((side, 32 * (tuner.steps - steps) / max(1e-6, time.monotonic() - started)))
     return SideRate(points)
 
 
