@@ -109,7 +109,8 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
         _warm_up_gpu(net, config, metadata, device, plan)
     else:
         _warm_up_cpu(net, config, metadata, device)
-    log.info("backbone %s ready on %s; warm-up throughput %s", name, device, net.warmup_rates)
+    log.info("backbone %s ready on %s; warm-up throughput %s%s", name, device, net.warmup_rates,
+             "" if net.train_rate is None else f"; top training {net.train_rate.points}")
     return net
 
 

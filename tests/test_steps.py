@@ -547,3 +547,26 @@ def test_where_the_frozen_features_are_weak_the_tuning_goes_where_many_epochs_fi
         steps.current = nxt  # its probe done: tuned there, not moved again
         nxt.head, nxt.val_score = object(), (lambda: 0.35)
         assert steps._next_step(deadline) == ("tune", nxt)
+
+
+def test_where_the_features_are_weak_a_large_set_is_tuned_where_the_most_epochs_fit():
+    """A set large for its budget (CIFAR-10's size, 32 px): with strong features the pipeline's backbone is
+    tuned to the end at the largest size where one epoch fits; with weak ones (a step's probe at 0.45) at a
+    size where twelve fit in the time left, or the smallest."""
+    import time
+
+    from autodl_core.planner import TUNE_MIN_EPOCHS_WEAK
+
+    chosen = {}
+    for probe_score in (0.95, 0.45):
+        steps, nets, config = _steps_for(50_000, 10_000, stored=(32, 32))
+        steps.frozen_score = probe_score
+        steps.probed[config.backbone] = 192  # its large probe is made: what remains is the tuning
+        deadline = time.monotonic() + 255.0
+        step = steps._stronger_step(deadline)
+        assert step.net is nets[config.backbone] and step.then_tune and step.tune_to_end
+        chosen[probe_score] = min(step.size)
+    assert chosen[0.45] < chosen[0.95], chosen
+    net = nets[config.backbone]
+    epochs = 0.9 * 255.0 * net.train_rate.images_per_s((chosen[0.45],) * 2) / len(steps.fit_idx)
+    assert epochs >= TUNE_MIN_EPOCHS_WEAK or chosen[0.45] == 64
