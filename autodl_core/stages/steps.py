@@ -381,8 +381,9 @@ class StepsStage:
 
     def weak_features(self) -> bool:
         """Whether the steps' frozen probes carry little on this data (their best validation NAUC below
-        WEAK_FEATURES_NAUC): X-rays, pedestrians' attributes, 28-px ultrasound (0.37-0.54), where photos score
-        0.85-0.99. Unknown until a step's probe has a validation score."""
+        WEAK_FEATURES_NAUC): knee X-rays, pedestrians' attributes, 28-px fundus and ultrasound images score
+        0.41-0.53, blood cells 0.71-0.87, photos and textures 0.90-0.99. Unknown until a step's probe has a
+        validation score (never without a validation split)."""
         return bool(np.isfinite(self.frozen_score) and self.frozen_score < WEAK_FEATURES_NAUC)
 
     def min_tune_epochs(self) -> float:
