@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import sys
 
 import psutil
 
@@ -29,7 +30,6 @@ def peak_process_memory_gb() -> float | None:
     peak comes from shows in when this rises."""
     try:
         import resource
-        import sys
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -292,10 +292,11 @@ class StepsStage:
         left = deadline - time.monotonic()
         names = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
         weak = self.weak_features()
+        min_epochs = TUNE_MIN_EPOCHS_WEAK if weak else TUNE_MIN_EPOCHS
         for i, name in enumerate(names):
             net = self.nets[name]
             budget = (TUNE_STEP_SHARE if i + 1 < len(names) else 0.9) * left
-            tune_side, cached = self._tune_side(net, budget, min_epochs=self.min_tune_epochs(), floor=first_side)
+            tune_side, cached = self._tune_side(net, budget, min_epochs=min_epochs, floor=first_side)
             if cached:
                 return self._tune(self.current, deadline)
             probe_side = next((s for s in reversed(sides) if planner.probe_step_affordable(
@@ -371,7 +372,7 @@ class StepsStage:
             cached = self._cached(net, side)
             needed = planner.tune_step_seconds(self._n_all(all_fit=True), n_fit, self._size(side), net.rate,
                                                net.train_rate, cached=cached,
-                                               min_epochs=min(1.0, min_epochs) if cached and not weak else min_epochs,
+                                               min_epochs=1.0 if cached and not weak else min_epochs,
                                                extra=self._reread_cost(side),
                                                n_predicted=len(self.val_idx) + self.ctx.data.n_test_read,
                                                flips=self.ctx.config.flip_tta and self.ctx.data.profile.flip_ok)
@@ -385,10 +386,6 @@ class StepsStage:
         0.41-0.53, blood cells 0.71-0.87, photos and textures 0.90-0.99. Unknown until a step's probe has a
         validation score (never without a validation split)."""
         return bool(np.isfinite(self.frozen_score) and self.frozen_score < WEAK_FEATURES_NAUC)
-
-    def min_tune_epochs(self) -> float:
-        """The epochs a fine-tuning step must afford in its time."""
-        return TUNE_MIN_EPOCHS_WEAK if self.weak_features() else TUNE_MIN_EPOCHS
 
     def _cached(self, net, side: int) -> bool:
         """Whether the step just finished is a probe of `net` at `side` (its activations are in the caches)."""
