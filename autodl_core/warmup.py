@@ -6,6 +6,7 @@ per-shape tuning) is paid here instead of inside the scored run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -26,6 +27,10 @@ from autodl_core.planner import SideRate
 from autodl_core.trunk import split_backbone
 
 log = logging.getLogger("autodl_core.warmup")
+
+# The training step's resident memory over its saved tensors alone (gradients, optimiser temporaries):
+# EfficientNet-Lite2's top at 256 x 264 px, batch 64, saved 2.22 GB, the process grew 2.58 GB (1.16x).
+TRAINING_OVERHEAD = 1.2
 
 
 @dataclass
@@ -54,6 +59,10 @@ class Backbone:
     # example's cached activations take at a size (fp16), for the memory cap.
     trunk_channels: int = 0
     trunk_stride: int = 0
+    # What the top's training step keeps for its backward pass, per training example and input pixel
+    # (measured by the warm-up: the autograd graph's saved tensors): a step's working set beside its caches.
+    # EfficientNet-Lite2's top at 256 x 264 px took 1.5 GB on DTD that the caches' count had not foreseen.
+    train_bytes_per_pixel: float = 0.0
 
     def activation_bytes(self, size) -> int:
         """Bytes of one example's cached (fp16) trunk activations at working size `size`."""
@@ -61,6 +70,11 @@ class Backbone:
             return 2 * self.trunk_channels
         h, w = (-(-int(side) // self.trunk_stride) for side in size)
         return 2 * self.trunk_channels * h * w
+
+    def training_bytes(self, size, batch_size: int) -> int:
+        """Bytes the top's training step at working size `size` holds for its backward pass, with the
+        temporaries beside it (TRAINING_OVERHEAD); 0 before the warm-up measured it."""
+        return int(TRAINING_OVERHEAD * self.train_bytes_per_pixel * batch_size * size[0] * size[1])
 
     @property
     def trunk_runner(self):
@@ -110,7 +124,8 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
     else:
         _warm_up_cpu(net, config, metadata, device)
     log.info("backbone %s ready on %s; warm-up throughput %s%s", name, device, net.warmup_rates,
-             "" if net.train_rate is None else f"; top training {net.train_rate.points}")
+             "" if net.train_rate is None else f"; top training {net.train_rate.points}, "
+             f"{net.training_bytes((192, 192), 64) / 1e9:.2f} GB at 192 px, batch 64")
     return net
 
 
@@ -140,23 +155,24 @@ def _warm_up_cpu(net: Backbone, config: PipelineConfig, metadata, device: torch.
         key = (net.name, config.trunk_blocks, torch.get_num_threads())
         if key not in _TRAIN_RATE_CACHE:
             _TRAIN_RATE_CACHE[key] = _top_train_rate(net, device)
-        net.train_rate = _TRAIN_RATE_CACHE[key]
+        net.train_rate, net.train_bytes_per_pixel = _TRAIN_RATE_CACHE[key]
 
 
-# The top's training rate measured in this process, by (backbone, split, threads): a property of the
-# machine and the network, measured once (a few seconds per backbone) rather than by every Solver.
-_TRAIN_RATE_CACHE: dict[tuple, "SideRate"] = {}
+# The top's training rate and memory measured in this process, by (backbone, split, threads): properties of
+# the machine and the network, measured once (a few seconds per backbone) rather than by every Solver.
+_TRAIN_RATE_CACHE: dict[tuple, tuple["SideRate", float]] = {}
 
 
-def _top_train_rate(net: Backbone, device: torch.device) -> SideRate:
-    """Images/s of the top's training step (batch 32, on activations as the cache holds them) at 96 and
-    192 px: the steps' planner sizes its epochs from it. (Below ~96 px fixed costs dominate a step: the
-    rate at 64 and 128 px would extrapolate to large sizes 5x too fast.)"""
+def _top_train_rate(net: Backbone, device: torch.device) -> tuple[SideRate, float]:
+    """(images/s of the top's training step (batch 32, on activations as the cache holds them) at 96 and
+    192 px, the bytes its backward pass keeps per example and input pixel at 192 px). The steps' planner
+    sizes its epochs from the rate (below ~96 px fixed costs dominate a step: the rate at 64 and 128 px
+    would extrapolate to large sizes 5x too fast), the memory cap its sides from the bytes."""
     model = Classifier(copy.deepcopy(net.top), net.n_features, 10)
     tuner = FineTuner(model, Preprocessor(net.mean, net.std, device=device), False, batch_size=32,
                       freeze_fraction=0.0, freeze_bn=True)
     labels = np.eye(10, dtype=np.float32)[np.arange(64) % 10]
-    points = []
+    points, saved = [], SavedTensorBytes()
     for side in (96, 192):
         with torch.inference_mode():
             activations = net.trunk_runner(torch.randn(64, 3, side, side, device=device)).clone()
@@ -164,11 +180,32 @@ def _top_train_rate(net: Backbone, device: torch.device) -> SideRate:
         def batch(idx, activations=activations):
             return activations[idx].contiguous(memory_format=torch.channels_last)
 
-        tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=1)
+        with saved.counting() if side == 192 else contextlib.nullcontext():  # the untimed first step
+            tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=1)
         started, steps = time.monotonic(), tuner.steps
         tuner.train_until(batch, labels, np.arange(64), deadline=in_seconds(5), max_steps=2)
         points.append((side, 32 * (tuner.steps - steps) / max(1e-6, time.monotonic() - started)))
-    return SideRate(points)
+    return SideRate(points), saved.nbytes / (32 * 192 * 192)
+
+
+class SavedTensorBytes:
+    """The bytes the autograd graph saves for the backward pass while `counting()` is on: each storage once,
+    at its size (views of one tensor share it)."""
+
+    def __init__(self):
+        self._storages: dict[int, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self._storages[storage.data_ptr()] = max(self._storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    def counting(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
 
 # Engines chosen in this process, by (backbone, split, threads, forced engine): the pretrained frozen parts

@@ -321,13 +321,17 @@ def _steps_for(n_train, n_test, stored, large=None, left=255.0, memory=None):
 
     config = PipelineConfig()
 
-    def net(name, slower=1.0):
-        # MobileNetV2's trunk output (64 channels at stride 16) for the memory the caches take
+    def net(name, slower=1.0, train_bytes_per_pixel=279.0):
+        # MobileNetV2's trunk output (64 channels at stride 16) for the memory the caches take; the bytes a
+        # training step saves per example and pixel as the warm-up measured them (Lite0 365, Lite2 499)
         return SimpleNamespace(name=name, rate=RateMeter(3336.0 * 64 * 64 / slower),
                                train_rate=SideRate([(64, 842.0 / slower), (128, 395.0 / slower)]),
-                               activation_bytes=lambda size: 2 * 64 * -(-size[0] // 16) * -(-size[1] // 16))
+                               activation_bytes=lambda size: 2 * 64 * -(-size[0] // 16) * -(-size[1] // 16),
+                               training_bytes=lambda size, batch: int(1.2 * train_bytes_per_pixel * batch
+                                                                      * size[0] * size[1]))
 
-    nets = {n.name: n for n in (net(config.backbone), net("efficientnet_lite0", 2.0), net("efficientnet_lite2", 2.2))}
+    nets = {n.name: n for n in (net(config.backbone), net("efficientnet_lite0", 2.0, 365.0),
+                                net("efficientnet_lite2", 2.2, 499.0))}
     ctx = SimpleNamespace(config=config, planner=TimePlanner(nets[config.backbone].rate),
                           data=_StoredData(stored, large, n_train, n_test), memory=memory,
                           caches=SimpleNamespace(nbytes=lambda: 0))
@@ -370,10 +374,50 @@ def test_the_steps_caches_stay_within_the_memory_cap(monkeypatch):
     free = roomy._stronger_step(deadline)
     tight, _, _ = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(1.5, base_gb=1.0))
     capped = tight._stronger_step(deadline)
-    assert tight.cache_gb(min(capped.size)) <= 0.5 < roomy.cache_gb(min(free.size))
+    side = min(capped.size)
+    assert tight.cache_gb(side) + tight.training_gb(side) <= 0.5 < roomy.cache_gb(min(free.size))
     assert min(capped.size) < min(free.size)
     full, _, _ = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(0.5, base_gb=1.0))
     assert full._sides() == [64]
+
+
+def test_the_steps_count_a_training_steps_working_set_against_the_cap(monkeypatch):
+    """DTD's shape (1,000 photos stored at 320 px): the caches of every side fit a 3-GB room, but
+    EfficientNet-Lite2's top trained on a batch of 64 at 320 px saves ~3.9 GB for its backward pass
+    (DTD's run at 256 x 264 px grew 1.5 GB past its cap): those sides are left out, the rest stay."""
+    from autodl_core import memory as memory_module
+    from autodl_core.memory import MemoryBudget
+
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: 2.0)
+    steps, _, _ = _steps_for(1_000, 300, stored=(320, 320), memory=MemoryBudget(4.0, base_gb=1.0))
+    every = _steps_for(1_000, 300, stored=(320, 320))[0]._sides()
+    sides = steps._sides()
+    assert all(steps.cache_gb(s) < 0.5 for s in every)  # the caches alone would allow every side
+    assert max(sides) < max(every) and sides == every[:len(sides)]
+    assert all(steps.cache_gb(s) + steps.training_gb(s) <= 3.0 for s in sides)
+    assert steps.cache_gb(max(every)) + steps.training_gb(max(every)) > 3.0
+
+
+def test_the_saved_tensor_count_grows_with_the_pixels_a_training_step_sees():
+    """What the warm-up measures for the memory cap: the bytes autograd saves for a training step's
+    backward pass, each storage once; four times the pixels, about four times the bytes."""
+    import torch
+
+    from autodl_core.warmup import SavedTensorBytes
+
+    layer = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    counted = []
+    for side in (16, 32):
+        saved = SavedTensorBytes()
+        with saved.counting():
+            layer(torch.randn(2, 3, side, side)).sum().backward()
+        counted.append(saved.nbytes)
+    assert counted[0] >= 2 * 3 * 16 * 16 * 4  # at least the input the first convolution saves (fp32)
+    assert 3.0 < counted[1] / counted[0] < 4.5
+    saved = SavedTensorBytes()
+    with torch.no_grad(), saved.counting():
+        layer(torch.randn(2, 3, 16, 16))
+    assert saved.nbytes == 0  # nothing is saved without a backward pass to come
 
 
 def test_memory_budget_counts_what_the_solver_adds(monkeypatch):
@@ -570,3 +614,39 @@ def test_where_the_features_are_weak_a_large_set_is_tuned_where_the_most_epochs_
     net = nets[config.backbone]
     epochs = 0.9 * 255.0 * net.train_rate.images_per_s((chosen[0.45],) * 2) / len(steps.fit_idx)
     assert epochs >= TUNE_MIN_EPOCHS_WEAK or chosen[0.45] == 64
+
+
+def test_a_weak_first_probe_sizes_the_first_step_for_tuning():
+    """Knee X-rays' shape again: where the first probe (64 px) already scores below FIRST_PROBE_WEAK_NAUC
+    on validation (0.19), the first step is a probe at the size where TUNE_MIN_EPOCHS_WEAK epochs fit,
+    followed by its tuning: not a larger frozen probe first (15 s at 192 px that only confirmed it). Blood
+    cells' first probe (0.70) leaves the verdict to the steps' own probes."""
+    import time
+
+    from autodl_core.planner import FIRST_PROBE_WEAK_NAUC, TUNE_MIN_EPOCHS_WEAK, TUNE_STEP_SHARE
+
+    for first_score, weak in ((0.19, True), (0.70, False), (float("-inf"), False)):
+        steps, nets, config = _steps_for(3_985, 1_656, stored=(128, 128))
+        steps.note_first_probe(first_score)
+        assert steps.weak_features() is weak and (first_score < FIRST_PROBE_WEAK_NAUC) is (weak or first_score < 0)
+        deadline = time.monotonic() + 270.0
+        first = steps._stronger_step(deadline)
+        assert first.then_tune and first.sized_for_weak is weak
+        if not weak:
+            assert min(first.size) >= 160
+            continue
+        assert min(first.size) < 160
+        epochs = TUNE_STEP_SHARE * 270.0 * nets[config.backbone].train_rate.images_per_s(first.size) \
+            / len(steps.fit_idx)
+        assert epochs >= TUNE_MIN_EPOCHS_WEAK
+        first.head, first.val_score = object(), (lambda: 0.41)  # its own probe lifts nothing
+        steps.current = first
+        steps._tune = lambda probe_step, deadline, last_step=False: ("tune", probe_step)
+        assert steps._next_step(deadline) == ("tune", first)
+    lifted, _, _ = _steps_for(3_985, 1_656, stored=(128, 128))
+    lifted.note_first_probe(0.45)
+    first = lifted._stronger_step(time.monotonic() + 270.0)
+    first.head, first.val_score = object(), (lambda: 0.8)  # its probe at 0.8: the features carry after all
+    lifted.current = first
+    lifted._tune = lambda probe_step, deadline, last_step=False: ("tune", probe_step)
+    assert lifted._next_step(time.monotonic() + 260.0) == ("tune", first) and not lifted.weak_features()

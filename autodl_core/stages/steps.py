@@ -34,8 +34,8 @@ from autodl_core.ensemble import Candidate
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
 from autodl_core.memory import process_memory_gb, release_freed_memory
-from autodl_core.planner import (MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_MIN_EPOCHS_WEAK, TUNE_STEP_SHARE,
-                                 WEAK_FEATURES_NAUC, seconds_since)
+from autodl_core.planner import (FIRST_PROBE_WEAK_NAUC, MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_MIN_EPOCHS_WEAK,
+                                 TUNE_STEP_SHARE, WEAK_FEATURES_NAUC, seconds_since)
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.finetune import FinetuneStage, StepStart
 from autodl_core.stages.probe import ProbeStage
@@ -149,7 +149,9 @@ class StepsStage:
         self.tunes: dict[str, FinetuneStage] = {}  # the latest fine-tuning step of each backbone
         self.history: list[str] = []  # the steps begun, in order ("probe mobilenetv2_100@224x224", ...)
         self.probed: dict[str, int] = {}  # backbone -> largest side probed
-        self.frozen_score = -np.inf  # the best validation score of a step's frozen probe: how much they carry
+        # the best validation score of a step's frozen probe (or the first probe's, where that is already
+        # weak): how much the pretrained features carry on this data
+        self.frozen_score = -np.inf
         self.tuned: set[str] = set()
         self.fit_idx = self.val_idx = None
         self.split_report = None
@@ -221,9 +223,20 @@ class StepsStage:
                     cand.val_probs = self.probe.val_probs()
                 if cand.val_probs is not None and len(cand.val_probs) == len(self.val_idx):
                     # what each first stage carries, before any step
-                    log.info("steps: %s val NAUC %.4f", cand.name, score(data.val_labels(), cand.val_probs))
+                    value = score(data.val_labels(), cand.val_probs)
+                    log.info("steps: %s val NAUC %.4f", cand.name, value)
+                    if cand.name == "probe":
+                        self.note_first_probe(value)
             _, ctx.best_val_score = ctx.candidates.select(data.val_labels())
         ctx.predictions.ready(lambda deadline: ctx.best_combination())
+
+    def note_first_probe(self, value: float) -> None:
+        """The first probe's validation score: below FIRST_PROBE_WEAK_NAUC the features count as weak before
+        any step, so the first step is sized for tuning instead of preceded by a larger frozen probe (knee
+        X-rays: a 15-s probe at 192 px scored 0.41 and put the tuning's start at 30 s)."""
+        if np.isfinite(value) and value < FIRST_PROBE_WEAK_NAUC:
+            self.frozen_score = value
+            log.info("steps: the first probe's features are weak (val NAUC %.3f < %.2f)", value, FIRST_PROBE_WEAK_NAUC)
 
     def _refit_first_heads(self, deadline: float):
         """The thumbnail and probe heads saw examples now held out: refitted without them (seconds)."""
@@ -384,7 +397,8 @@ class StepsStage:
         """Whether the steps' frozen probes carry little on this data (their best validation NAUC below
         WEAK_FEATURES_NAUC): knee X-rays, pedestrians' attributes, 28-px fundus and ultrasound images score
         0.41-0.53, blood cells 0.71-0.87, photos and textures 0.90-0.99. Unknown until a step's probe has a
-        validation score (never without a validation split)."""
+        validation score, unless the first probe's is below FIRST_PROBE_WEAK_NAUC (never without a
+        validation split)."""
         return bool(np.isfinite(self.frozen_score) and self.frozen_score < WEAK_FEATURES_NAUC)
 
     def _cached(self, net, side: int) -> bool:
@@ -394,19 +408,19 @@ class StepsStage:
             and last.head is not None
 
     def _sides(self) -> list[int]:
-        """The sides a step may use: within the data's reach (step_sides) and the memory cap; the smallest
-        when none fits the cap."""
+        """The sides a step may use: within the data's reach (step_sides) and the memory cap (the caches
+        and a training step's working set); the smallest when none fits the cap."""
         sides = step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
         memory = self.ctx.memory
         if memory is None:
             return sides
         freed = self.ctx.caches.nbytes() / 1e9  # a new step's caches replace the present ones
-        fitting = [s for s in sides if memory.fits(self.cache_gb(s), freed_gb=freed)]
+        fitting = [s for s in sides if memory.fits(self.cache_gb(s) + self.training_gb(s), freed_gb=freed)]
         dropped = tuple(s for s in sides if s not in fitting)
         if dropped != self._memory_dropped:
             self._memory_dropped = dropped
             if dropped:
-                log.info("steps: sides %s left out: their caches would pass the memory cap (%s)",
+                log.info("steps: sides %s left out: their caches and training would pass the memory cap (%s)",
                          ", ".join(map(str, dropped)), self.ctx.memory.line())
         return fitting or sides[:1]
 
@@ -420,6 +434,13 @@ class StepsStage:
         if self.ctx.config.flip_tta and data.profile.flip_ok:
             n += len(self.val_idx if self.val_idx is not None else ()) + data.n_test_read
         return n * per_example / 1e9
+
+    def training_gb(self, side: int) -> float:
+        """What a fine-tuning step at `side` holds beside its caches while it trains (GB): the backward
+        pass's saved tensors for one batch, as the warm-up measured them, for the step backbone that needs
+        most. Training time only, but a probe's side is the side its tuning may keep."""
+        size, batch = self._size(side), self.ctx.config.batch_size
+        return max((net.training_bytes(size, batch) for net in self.nets.values()), default=0) / 1e9
 
     def _size(self, side: int) -> tuple[int, int]:
         return working_size(self.ctx.data.step_storage_hw(), side)
