@@ -293,3 +293,23 @@ def test_training_images_are_appended_in_one_buffer():
             first_buffer = data._train_buffer
             assert len(first_buffer) == 10  # the declared set
     assert data._train_buffer is not first_buffer and len(data._train_buffer) >= 16
+
+
+def test_lp_ft_slows_the_body_where_the_probes_head_is_large():
+    """The body's learning rate over the head's, from the probe's head: 1 for heads like CIFAR-10's or
+    PneumoniaMNIST's (row norms 3-11), lower in proportion beyond LPFT_HEAD_ROW_NORM (knee X-rays' 39:
+    ~0.31); the rate the tuner applies to its body follows."""
+    import torch
+
+    from autodl_core.learner import LPFT_HEAD_ROW_NORM, Classifier, FineTuner, lp_ft_body_lr_factor
+    from autodl_core.images import Preprocessor
+
+    small = torch.full((10, 1280), 3.2 / 1280 ** 0.5)  # each row's norm 3.2
+    assert lp_ft_body_lr_factor(small) == 1.0
+    large = torch.full((5, 1280), 38.7 / 1280 ** 0.5)
+    factor = lp_ft_body_lr_factor(large)
+    assert abs(factor - LPFT_HEAD_ROW_NORM / 38.7) < 1e-4
+    assert lp_ft_body_lr_factor(2 * large) < factor < 1.0
+    tuner = FineTuner(Classifier(torch.nn.Flatten(), 4, 2), Preprocessor((0.5,) * 3, (0.5,) * 3), False, lr=0.016,
+                      body_lr_factor=factor)
+    assert tuner.base_lrs[0] < tuner.base_lrs[1] == 0.016

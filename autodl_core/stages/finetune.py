@@ -21,7 +21,7 @@ from autodl_core.ensemble import Candidate, CandidatePool, paired_gain_se
 from autodl_core.growth import ResolutionGrowth
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
-from autodl_core.learner import Classifier, FineTuner
+from autodl_core.learner import Classifier, FineTuner, lp_ft_body_lr_factor
 from autodl_core.planner import in_seconds, min_gain, seconds_since
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.probe import ProbeStage
@@ -82,6 +82,7 @@ class FinetuneStage:
         self.leaving_head = False  # a step's first schedule, from its probe's head (LP-FT): it may recover
         self.stale_slices = 0
         self.val_probs = None  # validation predictions of the checkpoint the next test call predicts
+        self.body_lr_factor = 1.0  # the body's learning rate over the head's (learner.lp_ft_body_lr_factor)
         self._planned_step_seconds = None
 
     # ------------------------------------------------------------------ one train call
@@ -195,6 +196,11 @@ class FinetuneStage:
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 linear.bias.copy_(bias)
+            if top_mode:  # (measured on the CPU's top mode; the full fine-tuning keeps its recipe)
+                self.body_lr_factor = lp_ft_body_lr_factor(weight)
+                if self.body_lr_factor < 1.0:
+                    log.info("LP-FT from a large head (row norm %.0f): the body's learning rate x%.2f",
+                             float(weight.norm()) / weight.shape[0] ** 0.5, self.body_lr_factor)
         if self.start is not None:
             self.size = self.start.size  # its probe's size: the head's features, the cached activations
         elif top_mode or cfg.finetune_resolution <= 0:
@@ -282,7 +288,7 @@ class FinetuneStage:
                                label_smoothing=cfg.label_smoothing,
                                flip=cfg.augment_flip and ctx.data.profile.flip_ok, max_shift=cfg.augment_shift,
                                total_steps_hint=1000, freeze_bn=True, random_crops=not top_mode,
-                               step_seconds_prior=prior)
+                               step_seconds_prior=prior, body_lr_factor=self.body_lr_factor)
         self.tta.reset()  # flip TTA is decided per resolution, from validation
         ctx.caches.drop_flipped()
         ctx.planner.reset_finetune_costs()
