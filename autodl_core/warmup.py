@@ -125,7 +125,7 @@ def prepare_backbone(config: PipelineConfig, metadata, device: torch.device, pla
         _warm_up_cpu(net, config, metadata, device)
     log.info("backbone %s ready on %s; warm-up throughput %s%s", name, device, net.warmup_rates,
              "" if net.train_rate is None else f"; top training {net.train_rate.points}, "
-             f"{net.training_bytes((192, 192), 64) / 1e9:.2f} GB at 192 px, batch 64")
+             f"{net.training_bytes((192, 192), 32) / 1e9:.2f} GB at 192 px, batch 32")
     return net
 
 

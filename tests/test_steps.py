@@ -650,3 +650,37 @@ def test_a_weak_first_probe_sizes_the_first_step_for_tuning():
     lifted.current = first
     lifted._tune = lambda probe_step, deadline, last_step=False: ("tune", probe_step)
     assert lifted._next_step(time.monotonic() + 260.0) == ("tune", first) and not lifted.weak_features()
+
+
+def test_when_nothing_stronger_fits_the_best_tuning_goes_on_not_the_last_one():
+    """Knee X-rays at T = 300 s: MobileNetV2's step at 112 px reached validation 0.60, then EfficientNet-Lite2's
+    at 64 px 0.49; with no stronger step left, the better one is resumed (its activations cached again), not
+    the last one's new cycles. Where the last step is the best, it goes on at once."""
+    import time
+    from types import SimpleNamespace
+
+    from autodl_core.stages.finetune import FinetuneStage
+    from autodl_core.stages.steps import ProbeStep
+
+    def tune(net, size, best_score, extended):
+        stage = FinetuneStage.__new__(FinetuneStage)
+        stage.net, stage.size, stage.best_score = net, size, best_score
+        stage.tuner, stage.best_state, stage.finished = object(), {"w": 0}, True
+        stage.start = SimpleNamespace(group=f"{net.name}@{size[0]}x{size[1]}")
+        stage.extend = lambda until, stage=stage: extended.append(stage)
+        return stage
+
+    for lite_score, lite_goes_on in ((0.49, False), (0.65, True)):
+        steps, nets, config = _steps_for(3_985, 1_656, stored=(128, 128))
+        extended = []
+        mobile = tune(nets[config.backbone], (112, 112), 0.60, extended)
+        lite = tune(nets["efficientnet_lite2"], (64, 64), lite_score, extended)
+        steps.tunes = {config.backbone: mobile, "efficientnet_lite2": lite}
+        steps.tuned = set(nets)  # nothing stronger is left
+        steps.current = lite
+        nxt = steps._next_step(time.monotonic() + 140.0)
+        if lite_goes_on:
+            assert nxt is lite and extended == [lite]
+        else:
+            assert isinstance(nxt, ProbeStep) and nxt.resume is mobile and nxt.size == (112, 112) and not extended
+            assert steps.history[-1] == f"resume {mobile.start.group}"
