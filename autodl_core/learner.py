@@ -83,22 +83,22 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-# LP-FT's body learning rate is scaled down where the probe's head is large: each class's logit moves by its
-# head row times the features' change, so a head whose rows are large (features of small variance, weighted up
-# by a head fitted on standardised features) turns the same body step into a large jump of the logits. Measured
-# on a CPU (MobileNetV2's top, cached 96-px activations, top_lr 0.016, 450 steps): heads with row norms 36-63
-# (knee X-rays, RetinaMNIST, blood cells) saturated to constant predictions (validation NAUC 0.00) and never
-# came back, where the body at this norm over theirs climbed steadily (knee 0.27 -> 0.54, blood cells
-# 0.73 -> 0.93, retina 0.51 -> 0.53); heads with row norms 3-11 (CIFAR-10, PneumoniaMNIST) keep the full rate,
-# where a lower one cost CIFAR-10 0.046 of validation NAUC at step 450.
-LPFT_HEAD_ROW_NORM = 12.0
+# Fine-tuning from a probe's head whose rows are large (features of small variance, weighted up by a head
+# fitted on standardised features) starts at LARGE_HEAD_LR_FACTOR of the learning rate: each class's logit
+# moves by its head row times the features' change, so the same step turns into a large jump of the logits.
+# Measured on a CPU (MobileNetV2's top on cached 96-px activations, top_lr 0.016, 450 steps): heads with
+# root-mean-square row norms 36-63 (knee X-rays, RetinaMNIST, blood cells) saturated to constant predictions
+# (validation NAUC 0.00) within 100 steps and never came back, where at 0.005 they climbed steadily (knee
+# 0.27 -> 0.54, blood cells 0.73 -> 0.95); in the solver the first fall cut the rate x0.3 after a lost slice.
+# Heads with row norms 3-11 (CIFAR-10, PneumoniaMNIST) keep the full rate (CIFAR-10 at 0.005: -0.046).
+# Scaling the body's rate alone (x12/row norm) was tried: blood cells' tuning crawled (ALC 0.667 -> 0.562).
+LARGE_HEAD_ROW_NORM = 12.0
+LARGE_HEAD_LR_FACTOR = 0.3
 
 
-def lp_ft_body_lr_factor(head_weight: torch.Tensor) -> float:
-    """The body's learning rate over the head's when fine-tuning starts from a linear probe's head
-    (weight (classes, features)): 1 up to LPFT_HEAD_ROW_NORM of root-mean-square row norm, less above."""
-    row_norm = float(head_weight.float().norm()) / max(1, head_weight.shape[0]) ** 0.5
-    return 1.0 if row_norm <= LPFT_HEAD_ROW_NORM else LPFT_HEAD_ROW_NORM / row_norm
+def head_row_norm(head_weight: torch.Tensor) -> float:
+    """Root-mean-square row norm of a linear head's weight (classes, features)."""
+    return float(head_weight.float().norm()) / max(1, head_weight.shape[0]) ** 0.5
 
 
 def freeze_early_layers(backbone: nn.Module, fraction: float) -> list[nn.Module]:

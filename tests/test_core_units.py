@@ -295,21 +295,15 @@ def test_training_images_are_appended_in_one_buffer():
     assert data._train_buffer is not first_buffer and len(data._train_buffer) >= 16
 
 
-def test_lp_ft_slows_the_body_where_the_probes_head_is_large():
-    """The body's learning rate over the head's, from the probe's head: 1 for heads like CIFAR-10's or
-    PneumoniaMNIST's (row norms 3-11), lower in proportion beyond LPFT_HEAD_ROW_NORM (knee X-rays' 39:
-    ~0.31); the rate the tuner applies to its body follows."""
+def test_a_large_probe_head_is_told_by_its_row_norm():
+    """What starts the fine-tuning at a lower learning rate (learner.LARGE_HEAD_ROW_NORM): the root-mean-square
+    norm of the head's rows, whatever the number of classes; CIFAR-10's heads (3) and PneumoniaMNIST's (11)
+    are not large, knee X-rays' (39) and blood cells' (63) are."""
     import torch
 
-    from autodl_core.learner import LPFT_HEAD_ROW_NORM, Classifier, FineTuner, lp_ft_body_lr_factor
-    from autodl_core.images import Preprocessor
+    from autodl_core.learner import LARGE_HEAD_ROW_NORM, head_row_norm
 
-    small = torch.full((10, 1280), 3.2 / 1280 ** 0.5)  # each row's norm 3.2
-    assert lp_ft_body_lr_factor(small) == 1.0
-    large = torch.full((5, 1280), 38.7 / 1280 ** 0.5)
-    factor = lp_ft_body_lr_factor(large)
-    assert abs(factor - LPFT_HEAD_ROW_NORM / 38.7) < 1e-4
-    assert lp_ft_body_lr_factor(2 * large) < factor < 1.0
-    tuner = FineTuner(Classifier(torch.nn.Flatten(), 4, 2), Preprocessor((0.5,) * 3, (0.5,) * 3), False, lr=0.016,
-                      body_lr_factor=factor)
-    assert tuner.base_lrs[0] < tuner.base_lrs[1] == 0.016
+    for classes, row in ((10, 3.2), (2, 10.9), (5, 38.7), (4, 63.2)):
+        weight = torch.full((classes, 1280), row / 1280 ** 0.5)
+        assert abs(head_row_norm(weight) - row) < 1e-3
+        assert (head_row_norm(weight) > LARGE_HEAD_ROW_NORM) is (row > 20)

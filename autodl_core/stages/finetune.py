@@ -21,7 +21,7 @@ from autodl_core.ensemble import Candidate, CandidatePool, paired_gain_se
 from autodl_core.growth import ResolutionGrowth
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
-from autodl_core.learner import Classifier, FineTuner, lp_ft_body_lr_factor
+from autodl_core.learner import LARGE_HEAD_LR_FACTOR, LARGE_HEAD_ROW_NORM, Classifier, FineTuner, head_row_norm
 from autodl_core.planner import in_seconds, min_gain, seconds_since
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.probe import ProbeStage
@@ -82,7 +82,6 @@ class FinetuneStage:
         self.leaving_head = False  # a step's first schedule, from its probe's head (LP-FT): it may recover
         self.stale_slices = 0
         self.val_probs = None  # validation predictions of the checkpoint the next test call predicts
-        self.body_lr_factor = 1.0  # the body's learning rate over the head's (learner.lp_ft_body_lr_factor)
         self._planned_step_seconds = None
 
     # ------------------------------------------------------------------ one train call
@@ -190,17 +189,15 @@ class FinetuneStage:
         if top_mode and cfg.top_dropout > 0:
             model.head = nn.Sequential(nn.Dropout(cfg.top_dropout), model.head)
         head = self.start.head if self.start is not None else self.probe.head
+        large_head = False
         if head is not None and head.multilabel == data.profile.multilabel and head.weight.shape[1] == data.train_y.shape[1]:
             weight, bias = head.as_linear()  # LP-FT: start from the probe's linear head
             linear = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 linear.bias.copy_(bias)
-            if top_mode:  # (measured on the CPU's top mode; the full fine-tuning keeps its recipe)
-                self.body_lr_factor = lp_ft_body_lr_factor(weight)
-                if self.body_lr_factor < 1.0:
-                    log.info("LP-FT from a large head (row norm %.0f): the body's learning rate x%.2f",
-                             float(weight.norm()) / weight.shape[0] ** 0.5, self.body_lr_factor)
+            # (measured in the CPU's top mode; the full fine-tuning keeps its recipe)
+            large_head = top_mode and head_row_norm(weight) > LARGE_HEAD_ROW_NORM
         if self.start is not None:
             self.size = self.start.size  # its probe's size: the head's features, the cached activations
         elif top_mode or cfg.finetune_resolution <= 0:
@@ -209,7 +206,13 @@ class FinetuneStage:
             self.size = working_size(data.profile.storage_hw, cfg.finetune_resolution)
         self.fit_idx = np.flatnonzero(~data.is_val)
         self.val_idx = np.flatnonzero(data.is_val)
-        self._new_tuner(model, cfg.top_lr if top_mode else cfg.lr)
+        lr = cfg.top_lr if top_mode else cfg.lr
+        self._new_tuner(model, lr * LARGE_HEAD_LR_FACTOR if large_head else lr)
+        if large_head:
+            # the cut a first fall would have made, made before it: a later fall does not cut again
+            self.lr_cuts = MAX_STEP_LR_CUTS
+            log.info("LP-FT from a large head (row norm %.0f > %.0f): learning rate x%.1f from the start",
+                     head_row_norm(weight), LARGE_HEAD_ROW_NORM, LARGE_HEAD_LR_FACTOR)
         self.leaving_head = self.start is not None
         if top_mode:
             ctx.caches.train.ensure(data.images("train"), self.val_idx,
@@ -288,7 +291,7 @@ class FinetuneStage:
                                label_smoothing=cfg.label_smoothing,
                                flip=cfg.augment_flip and ctx.data.profile.flip_ok, max_shift=cfg.augment_shift,
                                total_steps_hint=1000, freeze_bn=True, random_crops=not top_mode,
-                               step_seconds_prior=prior, body_lr_factor=self.body_lr_factor)
+                               step_seconds_prior=prior)
         self.tta.reset()  # flip TTA is decided per resolution, from validation
         ctx.caches.drop_flipped()
         ctx.planner.reset_finetune_costs()
