@@ -117,9 +117,10 @@ TUNE_MIN_EPOCHS = 3.0  # a fine-tuning step must afford this many epochs in its 
 # test NAUC 0.48-0.51, one schedule of 22 epochs at 96 px at 0.65, its validation highest after 13 epochs.
 TUNE_MIN_EPOCHS_WEAK = 12.0
 WEAK_FEATURES_NAUC = 0.6
-# The first probe (48-64 px) scoring below this says as much before any step: knee X-rays 0.19, 28-px fundus and
-# ultrasound images 0.44-0.45 (their step probes 0.41-0.53), where blood cells score 0.68-0.70 (step probes
-# 0.78-0.87), CIFAR-10 0.85, textures and photos 0.91-0.97. Lower than WEAK_FEATURES_NAUC: small images
+# The first probe (48-64 px) scoring below this, and no better than 12-px raw thumbnails, says as much before
+# any step: knee X-rays 0.19 (thumbnails 0.39), 28-px ultrasound images 0.45 (0.49), where blood cells score
+# 0.68-0.70, CIFAR-10 0.85, textures and photos 0.91-0.97, pedestrians 0.36 over their thumbnails' 0.33 (a
+# larger frozen probe still pays there: 0.48 at 216 x 96 px). Lower than WEAK_FEATURES_NAUC: small images
 # underrate what the features carry at a step's size; a step probe at or above it lifts the verdict.
 FIRST_PROBE_WEAK_NAUC = 0.5
 TUNE_MIN_PREDICTIONS = 4  # ... and this many validation and test predictions of its checkpoints

@@ -618,17 +618,20 @@ def test_where_the_features_are_weak_a_large_set_is_tuned_where_the_most_epochs_
 
 def test_a_weak_first_probe_sizes_the_first_step_for_tuning():
     """Knee X-rays' shape again: where the first probe (64 px) already scores below FIRST_PROBE_WEAK_NAUC
-    on validation (0.19), the first step is a probe at the size where TUNE_MIN_EPOCHS_WEAK epochs fit,
-    followed by its tuning: not a larger frozen probe first (15 s at 192 px that only confirmed it). Blood
-    cells' first probe (0.70) leaves the verdict to the steps' own probes."""
+    on validation and no better than the raw thumbnails (0.19 against 0.39), the first step is a probe at
+    the size where TUNE_MIN_EPOCHS_WEAK epochs fit, followed by its tuning: not a larger frozen probe first
+    (15 s at 192 px that only confirmed it). Blood cells' first probe (0.70) and pedestrians' (0.36, above
+    their thumbnails' 0.33) leave the verdict to the steps' own probes."""
     import time
 
-    from autodl_core.planner import FIRST_PROBE_WEAK_NAUC, TUNE_MIN_EPOCHS_WEAK, TUNE_STEP_SHARE
+    from autodl_core.planner import TUNE_MIN_EPOCHS_WEAK, TUNE_STEP_SHARE
 
-    for first_score, weak in ((0.19, True), (0.70, False), (float("-inf"), False)):
+    cases = ((0.19, 0.39, True), (0.70, 0.48, False), (0.36, 0.33, False), (0.19, float("-inf"), False),
+             (float("-inf"), 0.39, False))
+    for first_score, thumbnails, weak in cases:
         steps, nets, config = _steps_for(3_985, 1_656, stored=(128, 128))
-        steps.note_first_probe(first_score)
-        assert steps.weak_features() is weak and (first_score < FIRST_PROBE_WEAK_NAUC) is (weak or first_score < 0)
+        steps.note_first_probe(first_score, thumbnails)
+        assert steps.weak_features() is weak, (first_score, thumbnails)
         deadline = time.monotonic() + 270.0
         first = steps._stronger_step(deadline)
         assert first.then_tune and first.sized_for_weak is weak
@@ -644,7 +647,8 @@ def test_a_weak_first_probe_sizes_the_first_step_for_tuning():
         steps._tune = lambda probe_step, deadline, last_step=False: ("tune", probe_step)
         assert steps._next_step(deadline) == ("tune", first)
     lifted, _, _ = _steps_for(3_985, 1_656, stored=(128, 128))
-    lifted.note_first_probe(0.45)
+    lifted.note_first_probe(0.45, 0.49)
+    assert lifted.weak_features()
     first = lifted._stronger_step(time.monotonic() + 270.0)
     first.head, first.val_score = object(), (lambda: 0.8)  # its probe at 0.8: the features carry after all
     lifted.current = first
