@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "speed": "tools.speed",
     "frozen-probe": "tools.frozen_probe",
     "split-check": "tools.split_check",
+    "lp-ft-start": "tools.lp_ft_start",
     "kit": "tools.kit.command",
 }
 
