@@ -71,7 +71,7 @@ class OnnxRuntimeRunner:
 
         self._ort = ort
         # The model's bytes, not its path: a new thread count builds a new session later in the run, and the
-        # export's folder is removed once the engines are chosen (one per backbone part: ~10 MB each).
+        # export's folder is removed once the engines are chosen (one model per backbone part: up to ~20 MB).
         with open(onnx_path, "rb") as f:
             self._model = f.read()
         self.set_threads(threads)
@@ -245,7 +245,7 @@ def choose_runner(module: nn.Module, example: torch.Tensor, device: torch.device
     if forced in ("auto", "torch"):
         choice.rates[torch_runner.name] = images_per_s(torch_runner, timing)
     # The export lives only while the engines load it: each run used to leave ~19 MB per backbone part in
-    # the temporary folder (1,950 folders, 37 GB, on a machine that had run the benchmarks for a week).
+    # the temporary folder (1,950 folders, 37 GB, on the machine that ran the benchmarks).
     workdir = tempfile.mkdtemp(prefix="autodl-engine-")
     best_rate = choice.rates.get(torch_runner.name, 0.0)
     try:

@@ -406,8 +406,8 @@ class StepsStage:
         """Whether the steps' frozen probes carry little on this data (their best validation NAUC below
         WEAK_FEATURES_NAUC): knee X-rays, pedestrians' attributes, 28-px fundus and ultrasound images score
         0.41-0.53, blood cells 0.71-0.87, photos and textures 0.90-0.99. Unknown until a step's probe has a
-        validation score, unless the first probe's is below FIRST_PROBE_WEAK_NAUC (never without a
-        validation split)."""
+        validation score, unless the first probe's is below FIRST_PROBE_WEAK_NAUC and no better than the
+        thumbnails' (never without a validation split)."""
         return bool(np.isfinite(self.frozen_score) and self.frozen_score < WEAK_FEATURES_NAUC)
 
     def _cached(self, net, side: int) -> bool:
