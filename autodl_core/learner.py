@@ -101,6 +101,12 @@ def head_row_norm(head_weight: torch.Tensor) -> float:
     return float(head_weight.float().norm()) / max(1, head_weight.shape[0]) ** 0.5
 
 
+def lp_ft_learning_rate(lr: float, head_weight: torch.Tensor) -> float:
+    """The learning rate a fine-tuning from a probe's head starts at: `lr`, or LARGE_HEAD_LR_FACTOR of it
+    where the head's rows are large (one rule for the solver and `tools lp-ft-start`)."""
+    return lr * LARGE_HEAD_LR_FACTOR if head_row_norm(head_weight) > LARGE_HEAD_ROW_NORM else lr
+
+
 def freeze_early_layers(backbone: nn.Module, fraction: float) -> list[nn.Module]:
     """Freeze the first `fraction` of the backbone's top-level blocks (stem included); returns the frozen modules.
 

@@ -301,9 +301,11 @@ def test_a_large_probe_head_is_told_by_its_row_norm():
     are not large, knee X-rays' (39) and blood cells' (63) are."""
     import torch
 
-    from autodl_core.learner import LARGE_HEAD_ROW_NORM, head_row_norm
+    from autodl_core.learner import LARGE_HEAD_LR_FACTOR, LARGE_HEAD_ROW_NORM, head_row_norm, lp_ft_learning_rate
 
     for classes, row in ((10, 3.2), (2, 10.9), (5, 38.7), (4, 63.2)):
         weight = torch.full((classes, 1280), row / 1280 ** 0.5)
         assert abs(head_row_norm(weight) - row) < 1e-3
         assert (head_row_norm(weight) > LARGE_HEAD_ROW_NORM) is (row > 20)
+        expected = 0.016 * LARGE_HEAD_LR_FACTOR if row > 20 else 0.016
+        assert abs(lp_ft_learning_rate(0.016, weight) - expected) < 1e-12

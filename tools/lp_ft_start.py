@@ -5,7 +5,7 @@ The CPU recipe of the solver's steps on one dataset, outside the clock: MobileNe
 features (the solver's L-BFGS head), then the top fine-tuned from that head (LP-FT: batch 32, EMA, dropout,
 label smoothing, frozen BatchNorm: `PipelineConfig`'s values) at each learning rate asked for, without the
 solver's fall rule; validation NAUC after 25, 50, 100, 200, 300 and 450 steps. `solver` among the rates is
-the solver's own choice from the head (`autodl_core.learner.LARGE_HEAD_ROW_NORM`). It is where the start at
+the solver's own choice from the head (`autodl_core.learner.lp_ft_learning_rate`). It is where the start at
 a lower rate for large heads came from (docs/benchmarks.md, 1.0.4).
 
     tools lp-ft-start data/corpus/knee_oa_xray data/corpus/wbc_blood_cells --size 96 --lrs 0.016,0.005,solver
@@ -50,8 +50,7 @@ def run_dataset(folder: str, size: int, rates: list[str], n_fit: int, n_val: int
     from autodl_core.config import PipelineConfig
     from autodl_core.heads import LinearHead
     from autodl_core.images import Preprocessor
-    from autodl_core.learner import (LARGE_HEAD_LR_FACTOR, LARGE_HEAD_ROW_NORM, Classifier, FineTuner,
-                                     head_row_norm)
+    from autodl_core.learner import Classifier, FineTuner, head_row_norm, lp_ft_learning_rate
     from autodl_core.metrics import nauc
     from autodl_core.planner import in_seconds
     from autodl_core.trunk import split_backbone
@@ -89,8 +88,7 @@ def run_dataset(folder: str, size: int, rates: list[str], n_fit: int, n_val: int
     position = {p: i for i, p in enumerate(fit_idx)}
     rows = []
     for rate in rates:
-        lr = float(rate) if rate != "solver" else (
-            config.top_lr * (LARGE_HEAD_LR_FACTOR if row_norm > LARGE_HEAD_ROW_NORM else 1.0))
+        lr = float(rate) if rate != "solver" else lp_ft_learning_rate(config.top_lr, weight)
         model = Classifier(copy.deepcopy(top), fit_features.shape[1], labels.shape[1])
         model.head = nn.Sequential(nn.Dropout(config.top_dropout), model.head)
         with torch.no_grad():

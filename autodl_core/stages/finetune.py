@@ -21,7 +21,7 @@ from autodl_core.ensemble import Candidate, CandidatePool, paired_gain_se
 from autodl_core.growth import ResolutionGrowth
 from autodl_core.heads import LinearHead
 from autodl_core.images import working_size
-from autodl_core.learner import LARGE_HEAD_LR_FACTOR, LARGE_HEAD_ROW_NORM, Classifier, FineTuner, head_row_norm
+from autodl_core.learner import Classifier, FineTuner, head_row_norm, lp_ft_learning_rate
 from autodl_core.planner import in_seconds, min_gain, seconds_since
 from autodl_core.run_context import RunContext, score
 from autodl_core.stages.probe import ProbeStage
@@ -189,15 +189,16 @@ class FinetuneStage:
         if top_mode and cfg.top_dropout > 0:
             model.head = nn.Sequential(nn.Dropout(cfg.top_dropout), model.head)
         head = self.start.head if self.start is not None else self.probe.head
-        large_head = False
+        lr = cfg.top_lr if top_mode else cfg.lr
+        start_lr = lr
         if head is not None and head.multilabel == data.profile.multilabel and head.weight.shape[1] == data.train_y.shape[1]:
             weight, bias = head.as_linear()  # LP-FT: start from the probe's linear head
             linear = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 linear.bias.copy_(bias)
-            # (measured in the CPU's top mode; the full fine-tuning keeps its recipe)
-            large_head = top_mode and head_row_norm(weight) > LARGE_HEAD_ROW_NORM
+            if top_mode:  # (measured in the CPU's top mode; the full fine-tuning keeps its recipe)
+                start_lr = lp_ft_learning_rate(lr, weight)
         if self.start is not None:
             self.size = self.start.size  # its probe's size: the head's features, the cached activations
         elif top_mode or cfg.finetune_resolution <= 0:
@@ -206,13 +207,12 @@ class FinetuneStage:
             self.size = working_size(data.profile.storage_hw, cfg.finetune_resolution)
         self.fit_idx = np.flatnonzero(~data.is_val)
         self.val_idx = np.flatnonzero(data.is_val)
-        lr = cfg.top_lr if top_mode else cfg.lr
-        self._new_tuner(model, lr * LARGE_HEAD_LR_FACTOR if large_head else lr)
-        if large_head:
+        self._new_tuner(model, start_lr)
+        if start_lr < lr:
             # the cut a first fall would have made, made before it: a later fall does not cut again
             self.lr_cuts = MAX_STEP_LR_CUTS
-            log.info("LP-FT from a large head (row norm %.0f > %.0f): learning rate x%.1f from the start",
-                     head_row_norm(weight), LARGE_HEAD_ROW_NORM, LARGE_HEAD_LR_FACTOR)
+            log.info("LP-FT from a large head (row norm %.0f): learning rate %.4f from the start",
+                     head_row_norm(weight), start_lr)
         self.leaving_head = self.start is not None
         if top_mode:
             ctx.caches.train.ensure(data.images("train"), self.val_idx,
