@@ -246,9 +246,9 @@ class RunData:
                     break
                 parts.append(chunk[0])
                 labels.append(chunk[1])
-        train = np.concatenate(self._reread["train"][1])[:self.n_read]
+        train = _join_releasing(self._reread["train"][1], self.n_read)
         train_y = np.concatenate(self._reread["train"][2])[:self.n_read]
-        test = np.concatenate(self._reread["test"][1])[:self.n_test_read] if "test" in self._reread else None
+        test = _join_releasing(self._reread["test"][1], self.n_test_read) if "test" in self._reread else None
         if len(train) != self.n_read or not np.allclose(train_y, self.train_y) or (
                 test is not None and len(test) != self.n_test_read):
             log.warning("reading again at %s gave other examples: the steps stay at %s", self.large_storage_hw,
@@ -301,3 +301,24 @@ def random_val_mask(n: int, fraction: float, most: int) -> np.ndarray:
         chosen[:] = False
     chosen &= np.cumsum(chosen) <= most
     return chosen
+
+
+def _join_releasing(parts: list, limit: int) -> np.ndarray:
+    """The chunks in `parts` as one array of at most `limit` rows, each chunk released once copied (the list is
+    emptied): np.concatenate keeps every chunk until it returns, a second copy of the images read again
+    (trashnet's 2,527 photos at 344 x 256 px: 0.67 GB more at the peak)."""
+    total = min(limit, sum(len(p) for p in parts))
+    if not parts:
+        return np.zeros((0,), np.uint8)
+    out = np.empty((total,) + parts[0].shape[1:], parts[0].dtype)
+    filled = 0
+    parts.reverse()  # pop from the end: the first chunk first
+    while parts and filled < total:
+        chunk = parts.pop()
+        take = min(len(chunk), total - filled)
+        out[filled:filled + take] = chunk[:take]
+        filled += take
+        del chunk
+    parts.clear()
+    return out
+

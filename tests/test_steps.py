@@ -196,6 +196,17 @@ def test_the_steps_read_the_images_again_at_their_large_size():
     assert not data.reread_needed((288, 288))  # nothing larger to read
 
 
+def test_the_chunks_read_again_are_joined_without_a_second_copy_of_them_all():
+    from autodl_core.run_data import _join_releasing
+
+    chunks = [np.full((n, 4, 4, 3), i, np.uint8) for i, n in enumerate((5, 3, 4))]
+    expected = np.concatenate(chunks)[:10]
+    parts = list(chunks)
+    joined = _join_releasing(parts, 10)
+    assert np.array_equal(joined, expected) and parts == []  # every chunk released from the list
+    assert len(_join_releasing([np.zeros((2, 4, 4, 3), np.uint8)], 10)) == 2  # fewer read than asked
+
+
 def test_a_dataset_that_reads_differently_twice_keeps_the_small_size():
     import time
 
@@ -374,8 +385,9 @@ def test_the_steps_caches_stay_within_the_memory_cap(monkeypatch):
     free = roomy._stronger_step(deadline)
     tight, _, _ = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(1.5, base_gb=1.0))
     capped = tight._stronger_step(deadline)
-    side = min(capped.size)
-    assert tight.cache_gb(side) + tight.training_gb(side) <= 0.5 < roomy.cache_gb(min(free.size))
+    side, net = min(capped.size), capped.net
+    training = tight.training_gb(side, net) if capped.then_tune else 0.0  # a frozen probe trains nothing
+    assert tight.cache_gb(side, net) + training <= 0.5 < roomy.cache_gb(min(free.size), free.net)
     assert min(capped.size) < min(free.size)
     full, _, _ = _steps_for(50_000, 10_000, stored=(32, 32), memory=MemoryBudget(0.5, base_gb=1.0))
     assert full._sides() == [64]
@@ -396,6 +408,24 @@ def test_the_steps_count_a_training_steps_working_set_against_the_cap(monkeypatc
     assert max(sides) < max(every) and sides == every[:len(sides)]
     assert all(steps.cache_gb(s) + steps.training_gb(s) <= 3.0 for s in sides)
     assert steps.cache_gb(max(every)) + steps.training_gb(max(every)) > 3.0
+
+
+def test_each_backbone_is_charged_its_own_working_set_and_frozen_probes_none(monkeypatch):
+    """DTD's shape under the same 3-GB room: MobileNetV2 saves 279 bytes a pixel for its backward pass,
+    EfficientNet-Lite2 499, so MobileNetV2's tuning keeps sides Lite2's leaves out; a frozen probe that no
+    tuning follows trains nothing and keeps the sides its caches allow."""
+    from autodl_core import memory as memory_module
+    from autodl_core.memory import MemoryBudget
+
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: 2.0)
+    steps, nets, config = _steps_for(1_000, 300, stored=(320, 320), memory=MemoryBudget(4.0, base_gb=1.0))
+    every = _steps_for(1_000, 300, stored=(320, 320))[0]._sides()
+    mobilenet, lite2 = nets[config.backbone], nets["efficientnet_lite2"]
+    assert steps._sides() == steps._sides(lite2)  # no backbone named: the one that needs most
+    assert max(steps._sides(mobilenet)) > max(steps._sides(lite2))
+    for net in (mobilenet, lite2):
+        assert all(steps.cache_gb(s, net) + steps.training_gb(s, net) <= 3.0 for s in steps._sides(net))
+        assert steps._sides(net, training=False) == every  # the caches alone fit at every side
 
 
 def test_the_saved_tensor_count_grows_with_the_pixels_a_training_step_sees():

@@ -158,7 +158,7 @@ class StepsStage:
         self.started = False
         self.failures = 0
         self._looked_before_reading = False  # the stored-size probe before the first reading again is made
-        self._memory_dropped: tuple = ()  # the sides last left out for memory (logged when they change)
+        self._memory_dropped: dict = {}  # backbone name -> the sides last left out for memory (logged on change)
 
     # ------------------------------------------------------------------ one train call
     def step(self, deadline: float) -> str:
@@ -299,7 +299,7 @@ class StepsStage:
         net = self.nets[self.ctx.config.backbone]
         side, cached = self._tune_side(net, 0.9 * time_left, min_epochs=1.0, floor=0)
         if side is None:
-            side = self._sides()[0]
+            side = self._sides(net)[0]
             cached = self._cached(net, side)
         return self._tune(last, deadline, last_step=True) if cached else self._probe(net, side, then_tune=True)
 
@@ -309,19 +309,19 @@ class StepsStage:
         is clearly larger than where it can be tuned, else a probe at the tuning size followed by
         fine-tuning; None when none fits."""
         ctx, planner = self.ctx, self.ctx.planner
-        sides = self._sides()
-        first_side = min(self.probe.size) if self.probe.size else sides[0]
+        first_side = min(self.probe.size) if self.probe.size else self._sides()[0]
         left = deadline - time.monotonic()
         names = [n for n in ctx.config.step_backbone_names() if n in self.nets and n not in self.tuned]
         weak = self.weak_features()
         min_epochs = TUNE_MIN_EPOCHS_WEAK if weak else TUNE_MIN_EPOCHS
         for i, name in enumerate(names):
             net = self.nets[name]
+            probe_sides = self._sides(net, training=False)
             budget = (TUNE_STEP_SHARE if i + 1 < len(names) else 0.9) * left
             tune_side, cached = self._tune_side(net, budget, min_epochs=min_epochs, floor=first_side)
             if cached:
                 return self._tune(self.current, deadline)
-            probe_side = next((s for s in reversed(sides) if planner.probe_step_affordable(
+            probe_side = next((s for s in reversed(probe_sides) if planner.probe_step_affordable(
                 self._n_all(), self._size(s), net.rate, deadline, extra=self._reread_cost(s))), None)
             # Where the features are weak, a frozen probe at a larger size is not worth its pass (knee X-rays:
             # EfficientNet-Lite0 at 160 px, 15 s, below the ensemble).
@@ -351,7 +351,7 @@ class StepsStage:
         side, cached = self._tune_side(net, 0.9 * left, min_epochs=TUNE_MIN_EPOCHS_WEAK if weak else 1.0,
                                        floor=first_side)
         if side is None and weak:  # as many epochs as the time allows: at the smallest size
-            side = next((s for s in self._sides() if s >= first_side), None)
+            side = next((s for s in self._sides(net) if s >= first_side), None)
             cached = side is not None and self._cached(net, side)
         if side is None:
             return None
@@ -369,7 +369,7 @@ class StepsStage:
         if self._looked_before_reading or not self.ctx.data.reread_needed(self._size(side)):
             return None
         self._looked_before_reading = True
-        stored = [s for s in self._sides() if not self.ctx.data.reread_needed(self._size(s))
+        stored = [s for s in self._sides(net, training=False) if not self.ctx.data.reread_needed(self._size(s))
                   and s >= first_side * MIN_SIDE_GAIN and s > self.probed.get(net.name, 0)]
         affordable = [s for s in stored if self.ctx.planner.probe_step_affordable(
             self._n_all(), self._size(s), net.rate, deadline)]
@@ -388,7 +388,7 @@ class StepsStage:
             return None, False
         planner, n_fit = self.ctx.planner, len(self.fit_idx)
         weak = self.weak_features()
-        for side in reversed(self._sides()):
+        for side in reversed(self._sides(net)):
             if side < floor:
                 break
             cached = self._cached(net, side)
@@ -416,40 +416,50 @@ class StepsStage:
         return isinstance(last, ProbeStep) and last.net is net and last.size == self._size(side) \
             and last.head is not None
 
-    def _sides(self) -> list[int]:
-        """The sides a step may use: within the data's reach (step_sides) and the memory cap (the caches
-        and a training step's working set); the smallest when none fits the cap."""
+    def _sides(self, net=None, training: bool = True) -> list[int]:
+        """The sides a step of `net` may use: within the data's reach (step_sides) and the memory cap (its
+        caches and a training step's working set, `net`'s own; with no `net`, the step backbone that needs
+        most; `training` False for a frozen probe that no tuning follows: its caches only); the smallest when
+        none fits the cap. Each backbone's own bytes: 1.0.4 charged EfficientNet-Lite2's saved tensors (499
+        bytes a pixel) to MobileNetV2's steps (279) and to frozen probes, which train nothing."""
         sides = step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
         memory = self.ctx.memory
         if memory is None:
             return sides
         freed = self.ctx.caches.nbytes() / 1e9  # a new step's caches replace the present ones
-        fitting = [s for s in sides if memory.fits(self.cache_gb(s) + self.training_gb(s), freed_gb=freed)]
+        fitting = [s for s in sides if memory.fits(
+            self.cache_gb(s, net) + (self.training_gb(s, net) if training else 0.0), freed_gb=freed)]
         dropped = tuple(s for s in sides if s not in fitting)
-        if dropped != self._memory_dropped:
-            self._memory_dropped = dropped
+        key = (getattr(net, "name", None), training)
+        if dropped != self._memory_dropped.get(key, ()):
+            self._memory_dropped[key] = dropped
             if dropped:
-                log.info("steps: sides %s left out: their caches and training would pass the memory cap (%s)",
-                         ", ".join(map(str, dropped)), self.ctx.memory.line())
+                log.info("steps: sides %s left out%s: their caches and training would pass the memory cap (%s)",
+                         ", ".join(map(str, dropped)), f" for {key[0]}" if key[0] else "", self.ctx.memory.line())
         return fitting or sides[:1]
 
-    def cache_gb(self, side: int) -> float:
+    def _step_nets(self, net=None) -> list:
+        """The backbones a memory count is for: `net`, or every step backbone (the largest then counts)."""
+        return [net] if net is not None else list(self.nets.values())
+
+    def cache_gb(self, side: int, net=None) -> float:
         """What a step's caches at `side` take in the end (GB): the trunk activations of every training and
-        test example and, with flip TTA, of the flipped validation and test images, for the step backbone
-        whose activations are largest."""
+        test example and, with flip TTA, of the flipped validation and test images, for `net` (with no
+        `net`, the step backbone whose activations are largest)."""
         data, size = self.ctx.data, self._size(side)
-        per_example = max((net.activation_bytes(size) for net in self.nets.values()), default=0)
+        per_example = max((n.activation_bytes(size) for n in self._step_nets(net)), default=0)
         n = data.n_read + data.n_test_read
         if self.ctx.config.flip_tta and data.profile.flip_ok:
             n += len(self.val_idx if self.val_idx is not None else ()) + data.n_test_read
         return n * per_example / 1e9
 
-    def training_gb(self, side: int) -> float:
-        """What a fine-tuning step at `side` holds beside its caches while it trains (GB): the backward
-        pass's saved tensors for one batch, as the warm-up measured them, for the step backbone that needs
-        most. Training time only, but a probe's side is the side its tuning may keep."""
+    def training_gb(self, side: int, net=None) -> float:
+        """What a fine-tuning step of `net` at `side` holds beside its caches while it trains (GB): the
+        backward pass's saved tensors for one batch, as the warm-up measured them (with no `net`, for the
+        step backbone that needs most). Training time only, but a probe's side is the side its tuning may
+        keep."""
         size, batch = self._size(side), self.ctx.config.batch_size
-        return max((net.training_bytes(size, batch) for net in self.nets.values()), default=0) / 1e9
+        return max((n.training_bytes(size, batch) for n in self._step_nets(net)), default=0) / 1e9
 
     def _size(self, side: int) -> tuple[int, int]:
         return working_size(self.ctx.data.step_storage_hw(), side)
