@@ -78,3 +78,17 @@ def test_importing_model_leaves_the_root_logger_alone():
     assert lines[0].endswith("autodl_core.solver INFO: solver line")
     assert lines[1].endswith("meta_db.selector INFO: selector line")
     assert lines[2] == "host line"  # the host's own logging: Python's last-resort handler, root untouched
+
+
+def test_every_tools_subcommand_prints_its_help(capsys):
+    """`tools bench -h` once failed inside argparse: a help text with a bare percent sign (the background
+    limit formatted as '20% of')."""
+    import pytest
+
+    from tools.cli import SUBCOMMANDS, build_parser
+
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exited:
+            build_parser(only=name).parse_args([name, "-h"])
+        assert exited.value.code == 0, name
+        assert f"usage: tools {name}" in capsys.readouterr().out, name

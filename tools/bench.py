@@ -371,5 +371,5 @@ def register(subparsers) -> None:
     parser.add_argument("--ours-dir", default=str(REPO_ROOT), help="folder of `ours` model.py (default: repo root)")
     parser.add_argument("--rerun-disturbed", action="store_true",
                         help="run again the rows whose run saw other processes use more than "
-                             f"{BACKGROUND_LIMIT:.0%} of the machine (the new row replaces them in the tables)")
+                             f"{BACKGROUND_LIMIT:.0%}% of the machine (the new row replaces them in the tables)")  # %% for argparse
     parser.set_defaults(func=_cli)
