@@ -174,6 +174,8 @@ class StepsStage:
             return self.name
         for _ in range(4):  # a step may finish without a prediction: the next one starts in the same call
             if self.current is None or self.current.finished:
+                if ctx.memory is not None:  # the finished step's scratch, freed: not counted when sizing the next
+                    release_freed_memory()
                 self.current = self._next_step(deadline)
                 if self.current is None:
                     log.info("steps: no step fits in the %.0fs left: done", deadline - time.monotonic())
@@ -434,8 +436,10 @@ class StepsStage:
         if dropped != self._memory_dropped.get(key, ()):
             self._memory_dropped[key] = dropped
             if dropped:
-                log.info("steps: sides %s left out%s: their caches and training would pass the memory cap (%s)",
-                         ", ".join(map(str, dropped)), f" for {key[0]}" if key[0] else "", self.ctx.memory.line())
+                log.info("steps: sides %s left out for %s %s: %s would pass the memory cap (%s)",
+                         ", ".join(map(str, dropped)), "tuning" if training else "a frozen probe of",
+                         key[0] or "the step backbones", "their caches and training" if training else "their caches",
+                         self.ctx.memory.line())
         return fitting or sides[:1]
 
     def _step_nets(self, net=None) -> list:
