@@ -308,7 +308,7 @@ class _StoredData:
     def __init__(self, stored, large, n_train, n_test):
         from types import SimpleNamespace
 
-        self.profile = SimpleNamespace(storage_hw=tuple(stored), flip_ok=True)
+        self.profile = SimpleNamespace(storage_hw=tuple(stored), flip_ok=True, channels=3)
         self.large_storage_hw = tuple(large) if large is not None else None
         self.n_read, self.n_test_read = n_train, n_test
 
@@ -426,6 +426,28 @@ def test_each_backbone_is_charged_its_own_working_set_and_frozen_probes_none(mon
     for net in (mobilenet, lite2):
         assert all(steps.cache_gb(s, net) + steps.training_gb(s, net) <= 3.0 for s in steps._sides(net))
         assert steps._sides(net, training=False) == every  # the caches alone fit at every side
+
+
+def test_a_step_that_reads_the_images_again_counts_their_larger_copy_against_the_cap(monkeypatch):
+    """Blood cells' shape (9,957 training and 2,487 test images stored at 96 x 128, read again at 180 x 240
+    for sides above 96): the larger copy takes ~1.2 GB more than the stored one. Sides that need it count
+    it with their caches and training, so under a room of 2 GB they are left out, where without the
+    reading again they would fit; sides within the stored size are charged nothing for it."""
+    from autodl_core import memory as memory_module
+    from autodl_core.memory import MemoryBudget
+
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: 3.0)
+    steps, nets, config = _steps_for(9_957, 2_487, stored=(96, 128), large=(180, 240),
+                                     memory=MemoryBudget(4.0, base_gb=1.0))
+    net = nets[config.backbone]
+    growth = (9_957 + 2_487) * 3 * (180 * 240 - 96 * 128) / 1e9
+    assert steps.reread_gb(96) == 0.0 and abs(steps.reread_gb(160) - growth) < 1e-9
+    sides = steps._sides(net)
+    without = [s for s in _steps_for(9_957, 2_487, stored=(96, 128), large=(180, 240))[0]._sides(net)
+               if steps.cache_gb(s, net) + steps.training_gb(s, net) <= 2.0]
+    assert max(sides) < max(without)  # the images' larger copy is what leaves those sides out
+    assert all(steps.cache_gb(s, net) + steps.training_gb(s, net) + steps.reread_gb(s) <= 2.0 for s in sides)
+    assert 96 in sides  # the stored size costs no reading again
 
 
 def test_the_saved_tensor_count_grows_with_the_pixels_a_training_step_sees():
