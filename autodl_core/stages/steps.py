@@ -422,8 +422,9 @@ class StepsStage:
         """The sides a step of `net` may use: within the data's reach (step_sides) and the memory cap (its
         caches and a training step's working set, `net`'s own; with no `net`, the step backbone that needs
         most; `training` False for a frozen probe that no tuning follows: its caches only; and the images'
-        larger copy where the side needs them read again, `reread_gb`); the smallest when none fits the cap. Each backbone's own bytes: 1.0.4 charged EfficientNet-Lite2's saved tensors (499
-        bytes a pixel) to MobileNetV2's steps (279) and to frozen probes, which train nothing."""
+        larger copy where the side needs them read again, `reread_gb`); the smallest when none fits the cap.
+        Each backbone's own bytes: 1.0.4 charged EfficientNet-Lite2's saved tensors (499 bytes a pixel) to
+        MobileNetV2's steps (279) and to frozen probes, which train nothing."""
         sides = step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
         memory = self.ctx.memory
         if memory is None:
