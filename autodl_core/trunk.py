@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from autodl_core.engines import Runner
 from autodl_core.images import Preprocessor
+from autodl_core.memory import trim_heap
 from autodl_core.planner import RateMeter
 
 
@@ -127,6 +128,8 @@ class ActivationCache:
                 self._grow(len(images), out.shape[1:])
                 self.store[torch.from_numpy(idx).to(self.store_device)] = out
                 self.has[idx] = True
+                del x, out
+                trim_heap()  # the batch's freed temporaries, handed back (autodl_core/memory.py)
                 done += len(idx)
                 last = time.monotonic() - started
                 self._seconds_per_image = last / len(idx)
@@ -163,5 +166,7 @@ def top_features(runner: Runner, cache: ActivationCache, positions: np.ndarray, 
             began = time.monotonic()
             x = cache.get(positions[start:start + batch_size], device)
             outs.append(runner(x).float().to(out_device))
+            del x
+            trim_heap()
             last = time.monotonic() - began
     return torch.cat(outs) if outs else torch.zeros(0, device=out_device)

@@ -450,6 +450,29 @@ def test_a_step_that_reads_the_images_again_counts_their_larger_copy_against_the
     assert 96 in sides  # the stored size costs no reading again
 
 
+def test_reading_the_images_again_counts_both_copies_until_the_stored_one_goes(monkeypatch):
+    """Blood cells' shape again: while the images are read again at 180 x 240 the larger copy is held in full
+    beside the stored one, with a chunk being joined, before any cache fills (their process grew 1.74 GB at
+    that peak, 1.41 GB once the stored copy was let go). Under a room of 1.7 GB a frozen probe's sides that
+    need the reading are left out, though the copy's growth and their caches would fit it; the stored size
+    stays."""
+    from autodl_core import memory as memory_module
+    from autodl_core.memory import MemoryBudget
+    from autodl_core.run_data import REREAD_CHUNK
+
+    monkeypatch.setattr(memory_module, "process_memory_gb", lambda: 3.0)
+    steps, nets, config = _steps_for(9_957, 2_487, stored=(96, 128), large=(180, 240),
+                                     memory=MemoryBudget(4.0, base_gb=0.7))  # room: 1.7 GB
+    net = nets[config.backbone]
+    every = _steps_for(9_957, 2_487, stored=(96, 128), large=(180, 240))[0]._sides(net, training=False)
+    peak = (9_957 + 2_487 + 2 * REREAD_CHUNK) * 3 * 180 * 240 / 1e9
+    assert steps.reading_peak_gb(96) == 0.0 and abs(steps.reading_peak_gb(160) - peak) < 1e-9
+    assert peak > 1.7 > steps.reread_gb(160)
+    growth_fits = [s for s in every if steps.cache_gb(s, net) + steps.reread_gb(s) <= 1.7]
+    assert max(growth_fits) > 96  # counted once the stored copy is gone, larger sides would fit
+    assert steps._sides(net, training=False) == [s for s in every if s <= 96]
+
+
 def test_the_saved_tensor_count_grows_with_the_pixels_a_training_step_sees():
     """What the warm-up measures for the memory cap: the bytes autograd saves for a training step's
     backward pass, each storage once; four times the pixels, about four times the bytes."""

@@ -37,6 +37,7 @@ from autodl_core.memory import process_memory_gb, release_freed_memory
 from autodl_core.planner import (FIRST_PROBE_WEAK_NAUC, MIN_STEP_TIME, TUNE_MIN_EPOCHS, TUNE_MIN_EPOCHS_WEAK,
                                  TUNE_STEP_SHARE, WEAK_FEATURES_NAUC, seconds_since)
 from autodl_core.run_context import RunContext, score
+from autodl_core.run_data import REREAD_CHUNK
 from autodl_core.stages.finetune import FinetuneStage, StepStart
 from autodl_core.stages.probe import ProbeStage
 from autodl_core.stages.thumbnails import ThumbnailStage
@@ -422,7 +423,8 @@ class StepsStage:
         """The sides a step of `net` may use: within the data's reach (step_sides) and the memory cap (its
         caches and a training step's working set, `net`'s own; with no `net`, the step backbone that needs
         most; `training` False for a frozen probe that no tuning follows: its caches only; and the images'
-        larger copy where the side needs them read again, `reread_gb`); the smallest when none fits the cap.
+        larger copy where the side needs them read again, `reread_gb`; or, where more, the reading's own
+        peak before the caches fill, `reading_peak_gb`); the smallest when none fits the cap.
         Each backbone's own bytes: 1.0.4 charged EfficientNet-Lite2's saved tensors (499 bytes a pixel) to
         MobileNetV2's steps (279) and to frozen probes, which train nothing."""
         sides = step_sides(self.ctx.data.step_storage_hw(), self.ctx.config.max_step_side)
@@ -431,7 +433,8 @@ class StepsStage:
             return sides
         freed = self.ctx.caches.nbytes() / 1e9  # a new step's caches replace the present ones
         fitting = [s for s in sides if memory.fits(
-            self.cache_gb(s, net) + (self.training_gb(s, net) if training else 0.0) + self.reread_gb(s),
+            max(self.cache_gb(s, net) + (self.training_gb(s, net) if training else 0.0) + self.reread_gb(s),
+                self.reading_peak_gb(s)),
             freed_gb=freed)]
         dropped = tuple(s for s in sides if s not in fitting)
         key = (getattr(net, "name", None), training)
@@ -481,6 +484,18 @@ class StepsStage:
         (small_h, small_w), (large_h, large_w) = data.profile.storage_hw, data.large_storage_hw
         n = data.n_read + data.n_test_read
         return n * max(1, data.profile.channels) * max(0, large_h * large_w - small_h * small_w) / 1e9
+
+    def reading_peak_gb(self, side: int) -> float:
+        """What reading the images again for a step at `side` holds at its peak (GB), before any cache fills:
+        the larger copy in full, since the stored one is let go only once every image is read again, and
+        a chunk being read and joined (twice REREAD_CHUNK images). Blood cells' reading at 182 x 242 px
+        grew the process by 1.74 GB at its peak and by 1.41 GB once done, where `reread_gb` counts 1.18."""
+        data = self.ctx.data
+        if not data.reread_needed(self._size(side)):
+            return 0.0
+        large_h, large_w = data.large_storage_hw
+        n = data.n_read + data.n_test_read
+        return (n + 2 * min(n, REREAD_CHUNK)) * max(1, data.profile.channels) * large_h * large_w / 1e9
 
     def _size(self, side: int) -> tuple[int, int]:
         return working_size(self.ctx.data.step_storage_hw(), side)
