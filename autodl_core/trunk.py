@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from autodl_core.engines import Runner
 from autodl_core.images import Preprocessor
-from autodl_core.memory import trim_heap
+from autodl_core.memory import TRIM_INTERVAL_S, trim_heap
 from autodl_core.planner import RateMeter
 
 
@@ -129,7 +129,7 @@ class ActivationCache:
                 self.store[torch.from_numpy(idx).to(self.store_device)] = out
                 self.has[idx] = True
                 del x, out
-                trim_heap()  # the batch's freed temporaries, handed back (autodl_core/memory.py)
+                trim_heap(TRIM_INTERVAL_S)  # the batches' freed temporaries, handed back (autodl_core/memory.py)
                 done += len(idx)
                 last = time.monotonic() - started
                 self._seconds_per_image = last / len(idx)
@@ -167,6 +167,6 @@ def top_features(runner: Runner, cache: ActivationCache, positions: np.ndarray, 
             x = cache.get(positions[start:start + batch_size], device)
             outs.append(runner(x).float().to(out_device))
             del x
-            trim_heap()
+            trim_heap(TRIM_INTERVAL_S)
             last = time.monotonic() - began
     return torch.cat(outs) if outs else torch.zeros(0, device=out_device)

@@ -329,6 +329,7 @@ def _steps_for(n_train, n_test, stored, large=None, left=255.0, memory=None):
     from autodl_core.planner import RateMeter
     from autodl_core.planner import TimePlanner
     from autodl_core.stages.steps import StepsStage
+    from autodl_core.warmup import TRAINING_OVERHEAD
 
     config = PipelineConfig()
 
@@ -338,7 +339,7 @@ def _steps_for(n_train, n_test, stored, large=None, left=255.0, memory=None):
         return SimpleNamespace(name=name, rate=RateMeter(3336.0 * 64 * 64 / slower),
                                train_rate=SideRate([(64, 842.0 / slower), (128, 395.0 / slower)]),
                                activation_bytes=lambda size: 2 * 64 * -(-size[0] // 16) * -(-size[1] // 16),
-                               training_bytes=lambda size, batch: int(1.2 * train_bytes_per_pixel * batch
+                               training_bytes=lambda size, batch: int(TRAINING_OVERHEAD * train_bytes_per_pixel * batch
                                                                       * size[0] * size[1]))
 
     nets = {n.name: n for n in (net(config.backbone), net("efficientnet_lite0", 2.0, 365.0),
@@ -508,6 +509,22 @@ def test_memory_budget_counts_what_the_solver_adds(monkeypatch):
     reading[0] = 1.0  # below the base (freed memory handed back): holds nothing, not less
     assert budget.held_gb() == 0.0 and budget.peak_held_gb == 1.6 > 0
     assert release_freed_memory() in (True, False)  # glibc hands pages back; elsewhere it is a no-op
+
+
+def test_the_heap_is_trimmed_at_most_once_an_interval_inside_loops(monkeypatch):
+    """The frozen passes' loops hand freed pages back at most once a TRIM_INTERVAL_S (each
+    trim's pages are faulted in again by the next batches); a call without an interval always trims."""
+    from autodl_core import memory as memory_module
+
+    calls = []
+    monkeypatch.setattr(memory_module, "_TRIM", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(memory_module, "_last_trim", 0.0)
+    assert memory_module.trim_heap(memory_module.TRIM_INTERVAL_S)
+    assert not memory_module.trim_heap(memory_module.TRIM_INTERVAL_S)  # too soon after the last
+    assert memory_module.trim_heap() and memory_module.release_freed_memory()
+    assert calls == [0, 0, 0]
+    monkeypatch.setattr(memory_module, "_TRIM", None)  # macOS, musl, Windows: nothing to call
+    assert not memory_module.trim_heap()
 
 
 def test_before_reading_the_data_again_the_steps_look_at_the_stored_size():
