@@ -3,7 +3,7 @@
 `AutoDLClassifier` (autodl_core/estimator.py) is the solver for numpy arrays, scikit-learn style.
 """
 
-__version__ = "1.0.6"
+__version__ = "1.0.7"
 
 __all__ = ["AutoDLClassifier", "__version__"]
 
