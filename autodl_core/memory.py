@@ -62,7 +62,7 @@ def trim_heap(min_interval_s: float = 0.0) -> bool:
 
     Called inside the frozen passes' loops: their temporaries, freed batch by batch, stayed in the
     allocator's arenas through the kit (blood cells' pass of the frozen top over 9,957 cached activations
-    grew the process by 0.40-0.45 GB that its features, 51 MB, did not explain); a pass with a trim a
+    grew the process by 0.33-0.45 GB that its features, 51 MB, did not explain); a pass with a trim a
     second ran as fast as without. Not inside training or prediction loops: there the pages handed back
     are faulted in again by the next step (MobileNetV2's top at 344 x 256 px: 0.53 -> 0.70 s a training
     step, predictions 1.5x slower, for a peak 0.1 GB lower), and a 1-MB mmap threshold, which hands every
