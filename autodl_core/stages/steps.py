@@ -481,9 +481,8 @@ class StepsStage:
         data = self.ctx.data
         if not data.reread_needed(self._size(side)):
             return 0.0
-        (small_h, small_w), (large_h, large_w) = data.profile.storage_hw, data.large_storage_hw
         n = data.n_read + data.n_test_read
-        return n * max(1, data.profile.channels) * max(0, large_h * large_w - small_h * small_w) / 1e9
+        return max(0.0, self._images_gb(data.large_storage_hw, n) - self._images_gb(data.profile.storage_hw, n))
 
     def reading_peak_gb(self, side: int) -> float:
         """What reading the images again for a step at `side` holds at its peak (GB), before any cache fills:
@@ -493,9 +492,12 @@ class StepsStage:
         data = self.ctx.data
         if not data.reread_needed(self._size(side)):
             return 0.0
-        large_h, large_w = data.large_storage_hw
         n = data.n_read + data.n_test_read
-        return (n + 2 * min(n, REREAD_CHUNK)) * max(1, data.profile.channels) * large_h * large_w / 1e9
+        return self._images_gb(data.large_storage_hw, n + 2 * min(n, REREAD_CHUNK))
+
+    def _images_gb(self, hw, n: int) -> float:
+        """What `n` stored uint8 images take at shape `hw` (GB)."""
+        return n * max(1, self.ctx.data.profile.channels) * hw[0] * hw[1] / 1e9
 
     def _size(self, side: int) -> tuple[int, int]:
         return working_size(self.ctx.data.step_storage_hw(), side)
